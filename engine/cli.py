@@ -1,0 +1,276 @@
+"""The ``stt-engine`` command: serve, transcribe, demo, info."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from . import __version__
+from .api import stt_pb2
+from .audio import read_audio_file
+from .client import SpeechClient, StreamConfig
+from .options import ModelOptions, ServerOptions, env_default
+
+SAMPLE = Path(__file__).parent / "samples" / "jfk.wav"
+
+
+def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptions]:
+    import dataclasses
+
+    defaults = ServerOptions()
+    streaming = dataclasses.replace(
+        defaults.default_streaming,
+        silence_duration_ms=args.silence_ms,
+        interim_interval_ms=args.interim_interval_ms,
+    )
+    server = ServerOptions(
+        address=args.address,
+        max_concurrent_streams=args.max_streams,
+        max_stream_seconds=args.max_stream_seconds,
+        max_chunk_bytes=args.max_chunk_bytes,
+        drain_seconds=args.drain_seconds,
+        default_streaming=streaming,
+    )
+    model = ModelOptions(
+        model=args.model,
+        device=args.device,
+        compute_type=args.compute_type,
+        cpu_threads=args.threads,
+        workers=args.workers,
+    )
+    return server, model
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    e = env_default
+    parser.add_argument("--address", default=e("address", "0.0.0.0:50051"),
+                        help="listen address (env STT_ADDRESS; port 0 picks a free port)")
+    parser.add_argument("--model", default=e("model", "tiny.en"),
+                        help="tiny.en (bundled), a faster-whisper model name or a CTranslate2 "
+                             "model directory (env STT_MODEL)")
+    parser.add_argument("--device", default=e("device", "cpu"), help="cpu, cuda or auto")
+    parser.add_argument("--compute-type", default=e("compute_type", "int8"))
+    parser.add_argument("--threads", type=int, default=int(e("threads", "1")),
+                        help="CPU threads per inference worker")
+    parser.add_argument("--workers", type=int, default=int(e("workers", "2")),
+                        help="inference calls run in parallel")
+    parser.add_argument("--max-streams", type=int, default=int(e("max_streams", "32")))
+    parser.add_argument("--max-stream-seconds", type=float,
+                        default=float(e("max_stream_seconds", "3600")))
+    parser.add_argument("--max-chunk-bytes", type=int, default=int(e("max_chunk_bytes", "1048576")))
+    parser.add_argument("--drain-seconds", type=float, default=float(e("drain_seconds", "30")))
+    parser.add_argument("--silence-ms", type=int, default=int(e("silence_ms", "700")),
+                        help="default endpoint silence")
+    parser.add_argument("--interim-interval-ms", type=int,
+                        default=int(e("interim_interval_ms", "700")))
+    parser.add_argument("--log-level", default=e("log_level", "INFO"))
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("faster_whisper").setLevel(logging.WARNING)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    _setup_logging(args.log_level)
+    server, model = _server_options(args)
+    asyncio.run(serve(server, model))
+    return 0
+
+
+class _Printer:
+    """Prints interim lines that update in place and final lines as they come."""
+
+    def __init__(self, fmt: str, out=sys.stdout) -> None:
+        self.fmt = fmt
+        self.out = out
+        self.tty = out.isatty()
+        self._interim_width = 0
+
+    def response(self, response: stt_pb2.StreamingRecognizeResponse) -> None:
+        if self.fmt == "jsonl":
+            self.out.write(json.dumps(response_json(response)) + "\n")
+            self.out.flush()
+            return
+        if not response.HasField("result") or not response.result.alternatives:
+            return
+        result = response.result
+        text = result.alternatives[0].transcript
+        if result.is_final:
+            self._clear()
+            start = result.result_start_offset.ToTimedelta().total_seconds()
+            end = result.result_end_offset.ToTimedelta().total_seconds()
+            self.out.write(f"[{start:6.2f} - {end:6.2f}] {text}\n")
+        elif self.tty:
+            self._clear()
+            line = f"  ... {text}"[:200]
+            self.out.write(line)
+            self._interim_width = len(line)
+        else:
+            self.out.write(f"  ... {text}\n")
+        self.out.flush()
+
+    def _clear(self) -> None:
+        if self.tty and self._interim_width:
+            self.out.write("\r" + " " * self._interim_width + "\r")
+            self._interim_width = 0
+
+
+def response_json(response: stt_pb2.StreamingRecognizeResponse) -> dict:
+    """One response as a flat JSON object, for scripts."""
+    if response.HasField("speech_event"):
+        event = response.speech_event
+        return {
+            "type": "speech_event",
+            "event": stt_pb2.SpeechEvent.Type.Name(event.type),
+            "offset": event.offset.ToTimedelta().total_seconds(),
+            "utterance_index": event.utterance_index,
+        }
+    result = response.result
+    best = result.alternatives[0] if result.alternatives else stt_pb2.SpeechRecognitionAlternative()
+    data = {
+        "type": "result",
+        "is_final": result.is_final,
+        "utterance_index": result.utterance_index,
+        "transcript": best.transcript,
+        "confidence": round(best.confidence, 4),
+        "stability": round(result.stability, 4),
+        "start": result.result_start_offset.ToTimedelta().total_seconds(),
+        "end": result.result_end_offset.ToTimedelta().total_seconds(),
+    }
+    if best.words:
+        data["words"] = [json_format.MessageToDict(w, preserving_proto_field_name=True)
+                         for w in best.words]
+    if len(result.alternatives) > 1:
+        data["alternatives"] = [a.transcript for a in result.alternatives[1:]]
+    return data
+
+
+def transcribe_file(path: str, server: str, args: argparse.Namespace) -> int:
+    audio = read_audio_file(path)
+    config = StreamConfig(
+        language_code=args.language,
+        interim_results=not args.no_interim,
+        enable_word_time_offsets=args.words,
+        prompt=args.prompt,
+    )
+    printer = _Printer(args.format)
+    with SpeechClient(server) as client:
+        call = client.stream_audio(audio, config, chunk_ms=args.chunk_ms, realtime=not args.fast)
+        try:
+            for response in call:
+                printer.response(response)
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fast", action="store_true", help="send as fast as possible")
+    parser.add_argument("--format", choices=("text", "jsonl"), default="text")
+    parser.add_argument("--language", default="en")
+    parser.add_argument("--prompt", default="", help="hot words / context")
+    parser.add_argument("--words", action="store_true", help="word time offsets")
+    parser.add_argument("--no-interim", action="store_true")
+    parser.add_argument("--chunk-ms", type=int, default=100)
+
+
+def cmd_transcribe(args: argparse.Namespace) -> int:
+    return transcribe_file(args.file, args.server, args)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with SpeechClient(args.server) as client:
+        info = client.server_info()
+    print(json_format.MessageToJson(info, preserving_proto_field_name=True))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Starts a server in this process, streams the bundled sample through gRPC."""
+    from .server import SttServer
+
+    _setup_logging(args.log_level)
+    server_options, model_options = _server_options(args)
+    loop = asyncio.new_event_loop()
+    server = SttServer(server_options, model_options)
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await server.start()
+            await server.load()
+        except BaseException as exc:  # reported on the main thread
+            failure.append(exc)
+            ready.set()
+            return
+        ready.set()
+        await server.wait_stopped()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
+    thread.start()
+    ready.wait()
+    if failure:
+        raise failure[0]
+    target = f"127.0.0.1:{server.port}"
+    path = args.file or str(SAMPLE)
+    print(f"Streaming {path} to {target} in real time (100 ms chunks)...", flush=True)
+    started = time.monotonic()
+    code = transcribe_file(path, target, args)
+    print(f"done in {time.monotonic() - started:.1f} s", flush=True)
+    asyncio.run_coroutine_threadsafe(server.drain_and_stop(), loop).result(timeout=60)
+    thread.join(timeout=10)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stt-engine", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    _add_server_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    transcribe = commands.add_parser("transcribe", help="stream an audio file to a server")
+    transcribe.add_argument("file")
+    transcribe.add_argument("--server", default=env_default("server", "localhost:50051"))
+    _add_transcribe_arguments(transcribe)
+    transcribe.set_defaults(func=cmd_transcribe)
+
+    demo = commands.add_parser("demo", help="start a server here and stream a sample through it")
+    demo.add_argument("file", nargs="?", help="audio file (default: the bundled JFK sample)")
+    _add_server_arguments(demo)
+    _add_transcribe_arguments(demo)
+    demo.set_defaults(func=cmd_demo, address="127.0.0.1:0", log_level="WARNING")
+
+    info = commands.add_parser("info", help="print the server's model and limits")
+    info.add_argument("--server", default=env_default("server", "localhost:50051"))
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

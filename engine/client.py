@@ -1,0 +1,161 @@
+"""A small synchronous Python client for stt-engine, used by the CLI and the tests."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .api import stt_pb2, stt_pb2_grpc
+from .audio import float_to_linear16
+from .options import TARGET_SAMPLE_RATE
+
+
+@dataclass
+class StreamConfig:
+    """What a client asks of a stream (fields as in RecognitionConfig)."""
+
+    language_code: str = "en"
+    interim_results: bool = True
+    single_utterance: bool = False
+    enable_word_time_offsets: bool = False
+    prompt: str = ""
+    max_alternatives: int = 1
+    silence_duration_ms: int = 0
+    interim_interval_ms: int = 0
+    encoding: int = stt_pb2.LINEAR16
+    sample_rate_hertz: int = TARGET_SAMPLE_RATE
+    audio_channel_count: int = 1
+
+    def recognition_config(self) -> stt_pb2.RecognitionConfig:
+        return stt_pb2.RecognitionConfig(
+            encoding=self.encoding,
+            sample_rate_hertz=self.sample_rate_hertz,
+            audio_channel_count=self.audio_channel_count,
+            language_code=self.language_code,
+            prompt=self.prompt,
+            enable_word_time_offsets=self.enable_word_time_offsets,
+            max_alternatives=self.max_alternatives,
+            endpointing=stt_pb2.EndpointingConfig(silence_duration_ms=self.silence_duration_ms),
+        )
+
+    def first_request(self) -> stt_pb2.StreamingRecognizeRequest:
+        return stt_pb2.StreamingRecognizeRequest(streaming_config=stt_pb2.StreamingRecognitionConfig(
+            config=self.recognition_config(),
+            interim_results=self.interim_results,
+            single_utterance=self.single_utterance,
+            interim_interval_ms=self.interim_interval_ms,
+        ))
+
+
+def chunk_bytes(data: bytes, chunk_size: int) -> Iterator[bytes]:
+    for start in range(0, len(data), chunk_size):
+        yield data[start:start + chunk_size]
+
+
+def paced(chunks: Iterable[bytes], seconds_per_chunk: float, realtime: bool) -> Iterator[bytes]:
+    """Yields chunks no faster than real time when ``realtime`` (as a microphone would)."""
+    started = time.monotonic()
+    for index, chunk in enumerate(chunks):
+        if realtime:
+            delay = started + index * seconds_per_chunk - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        yield chunk
+
+
+def audio_requests(
+    audio: np.ndarray, chunk_ms: int = 100, realtime: bool = True
+) -> Iterator[stt_pb2.StreamingRecognizeRequest]:
+    """16 kHz float audio as LINEAR16 requests of ``chunk_ms`` each."""
+    size = TARGET_SAMPLE_RATE * chunk_ms // 1000 * 2
+    for chunk in paced(chunk_bytes(float_to_linear16(audio), size), chunk_ms / 1000, realtime):
+        yield stt_pb2.StreamingRecognizeRequest(audio_content=chunk)
+
+
+class SpeechClient:
+    """Blocking client for the Speech and health services."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.channel = grpc.insecure_channel(target)
+        self.speech = stt_pb2_grpc.SpeechStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> SpeechClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def stream(
+        self,
+        requests: Iterable[stt_pb2.StreamingRecognizeRequest],
+        metadata: list[tuple[str, str]] | None = None,
+        timeout: float | None = None,
+    ):
+        """Raw bidirectional call: an iterator of responses that is also a grpc.Call."""
+        return self.speech.StreamingRecognize(iter(requests), metadata=metadata, timeout=timeout)
+
+    def stream_audio(
+        self,
+        audio: np.ndarray,
+        config: StreamConfig | None = None,
+        chunk_ms: int = 100,
+        realtime: bool = True,
+        metadata: list[tuple[str, str]] | None = None,
+    ):
+        """Streams 16 kHz float audio; returns the response iterator / call."""
+        config = config or StreamConfig()
+
+        def requests() -> Iterator[stt_pb2.StreamingRecognizeRequest]:
+            yield config.first_request()
+            yield from audio_requests(audio, chunk_ms, realtime)
+
+        return self.stream(requests(), metadata=metadata)
+
+    def recognize(self, audio: np.ndarray, config: StreamConfig | None = None,
+                  timeout: float = 120) -> stt_pb2.RecognizeResponse:
+        config = config or StreamConfig()
+        return self.speech.Recognize(
+            stt_pb2.RecognizeRequest(config=config.recognition_config(),
+                                     audio_content=float_to_linear16(audio)),
+            timeout=timeout,
+        )
+
+    def server_info(self, timeout: float = 10) -> stt_pb2.ServerInfo:
+        return self.speech.GetServerInfo(stt_pb2.GetServerInfoRequest(), timeout=timeout)
+
+    def health(self, service: str = "", timeout: float = 5) -> str:
+        """The serving status name (SERVING, NOT_SERVING, ...)."""
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                          timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_until_serving(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.target} did not report SERVING within {timeout:g} s")
+            time.sleep(0.05)
+
+
+def final_transcripts(responses: Iterable[stt_pb2.StreamingRecognizeResponse]) -> list[str]:
+    """The final transcripts of a response stream, in order."""
+    return [
+        r.result.alternatives[0].transcript
+        for r in responses
+        if r.HasField("result") and r.result.is_final and r.result.alternatives
+    ]

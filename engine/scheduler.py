@@ -1,0 +1,85 @@
+"""Inference scheduling: model calls run on worker threads, finals first.
+
+CTranslate2 releases the GIL, so a small thread pool gives real parallelism while
+the event loop keeps reading audio for every stream. Finals outrank interims:
+under load a stream's interim results thin out, its finals never wait behind
+someone else's interims. Within a priority, requests run in arrival order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from .model import DecodeRequest, Hypothesis, SpeechModel
+
+FINAL_PRIORITY = 0
+INTERIM_PRIORITY = 1
+
+
+@dataclass
+class DecodeOutcome:
+    hypothesis: Hypothesis
+    queue_seconds: float
+
+
+class InferenceScheduler:
+    """Runs ``SpeechModel.decode`` calls on ``workers`` threads with priorities."""
+
+    def __init__(self, model: SpeechModel, workers: int) -> None:
+        self.model = model
+        self.workers = workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stt-infer")
+        self._queue: asyncio.PriorityQueue | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._order = itertools.count()
+        self.busy_workers = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() if self._queue is not None else 0
+
+    def start(self) -> None:
+        self._queue = asyncio.PriorityQueue()
+        self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def decode(self, audio: np.ndarray, request: DecodeRequest) -> DecodeOutcome:
+        """Queues a decode and waits for it; cancelling the caller drops a queued job."""
+        assert self._queue is not None, "scheduler not started"
+        future = asyncio.get_running_loop().create_future()
+        priority = FINAL_PRIORITY if request.final else INTERIM_PRIORITY
+        self._queue.put_nowait((priority, next(self._order), time.perf_counter(),
+                                future, audio, request))
+        return await future
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            _, _, queued_at, future, audio, request = await self._queue.get()
+            if future.done():  # the stream gave up on it (cancelled or closed)
+                continue
+            waited = time.perf_counter() - queued_at
+            self.busy_workers += 1
+            try:
+                hypothesis = await loop.run_in_executor(
+                    self._executor, self.model.decode, audio, request
+                )
+            except Exception as exc:  # surfaced to the stream that asked
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(DecodeOutcome(hypothesis, waited))
+            finally:
+                self.busy_workers -= 1

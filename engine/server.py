@@ -1,0 +1,138 @@
+"""Server lifecycle: listen, load and warm the model, serve, drain on SIGTERM.
+
+Health (grpc.health.v1) for "" and "stt.v1.Speech" reads NOT_SERVING from the
+moment the port opens until the model is loaded and warm, SERVING while ready,
+and NOT_SERVING again as soon as draining starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .api import stt_pb2, stt_pb2_grpc
+from .model import SpeechModel
+from .options import ModelOptions, ServerOptions
+from .scheduler import InferenceScheduler
+from .service import SERVICE_NAME, SpeechService
+from .vad import load_vad_model
+
+logger = logging.getLogger(__name__)
+
+HEALTH_SERVICES = ("", SERVICE_NAME)
+MESSAGE_OVERHEAD = 64 << 10
+
+
+class SttServer:
+    """An asyncio gRPC server hosting the Speech, health and reflection services."""
+
+    def __init__(self, options: ServerOptions, model_options: ModelOptions) -> None:
+        self.options = options
+        self.model_options = model_options
+        self.service = SpeechService(options)
+        self.health = health.aio.HealthServicer()
+        self.port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._scheduler: InferenceScheduler | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> int:
+        """Opens the port (health NOT_SERVING) and returns the bound port."""
+        largest = max(self.options.max_chunk_bytes, self.options.max_recognize_bytes)
+        self._server = grpc.aio.server(options=[
+            # Above our own limits, so clients get our precise OUT_OF_RANGE errors.
+            ("grpc.max_receive_message_length", largest + MESSAGE_OVERHEAD),
+            ("grpc.max_send_message_length", 16 << 20),
+            ("grpc.so_reuseport", 0),
+        ])
+        stt_pb2_grpc.add_SpeechServicer_to_server(self.service, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self._server.add_insecure_port(self.options.address)
+        if self.port == 0:
+            raise RuntimeError(f"could not listen on {self.options.address}")
+        await self._server.start()
+        logger.info("listening on %s (health NOT_SERVING until the model is warm)",
+                    self.address)
+        return self.port
+
+    @property
+    def address(self) -> str:
+        host = self.options.address.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def load(self) -> SpeechModel:
+        """Loads and warms the model off the event loop, then reports SERVING."""
+        started = time.perf_counter()
+
+        def load_and_warm() -> SpeechModel:
+            load_vad_model()
+            model = SpeechModel(self.model_options, self.options.decode)
+            model.warm_up()
+            return model
+
+        model = await asyncio.to_thread(load_and_warm)
+        self._scheduler = InferenceScheduler(model, self.model_options.workers)
+        self._scheduler.start()
+        self.service.attach(model, self._scheduler)
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        logger.info("ready: serving %s on %s (%s, %s, %d workers x %d threads) in %.1f s",
+                    model.name, self.address, model.device, self.model_options.compute_type,
+                    self.model_options.workers, self.model_options.cpu_threads,
+                    time.perf_counter() - started)
+        return model
+
+    async def drain_and_stop(self) -> None:
+        """NOT_SERVING, refuse new streams, let open ones finish (up to drain_seconds),
+        then finalise the rest and stop."""
+        if self.service.draining:
+            return
+        self.service.draining = True
+        await self.health.enter_graceful_shutdown()
+        open_streams = len(self.service.sessions)
+        logger.info("draining: health NOT_SERVING, %d open streams", open_streams)
+        deadline = time.monotonic() + self.options.drain_seconds
+        while self.service.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.service.sessions):
+            session.stop()
+        # Stopped sessions still decode and deliver their finals.
+        final_deadline = time.monotonic() + 30
+        while self.service.sessions and time.monotonic() < final_deadline:
+            await asyncio.sleep(0.05)
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        if self._scheduler is not None:
+            await self._scheduler.stop()
+        logger.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(options: ServerOptions, model_options: ModelOptions) -> None:
+    """Runs a server until SIGTERM or SIGINT, then drains and exits."""
+    server = SttServer(options, model_options)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain_and_stop()))
+    try:
+        await server.load()
+    except Exception:
+        logger.exception("model failed to load; exiting")
+        await server.drain_and_stop()
+        raise
+    await server.wait_stopped()

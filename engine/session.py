@@ -1,0 +1,331 @@
+"""One StreamingRecognize stream: config, audio in, interim and final results out.
+
+The session reads requests on its own task, so audio keeps flowing into the VAD
+while decodes run on the inference threads. Finals are decoded as soon as their
+utterance ends (several may run at once) and delivered strictly in utterance
+order. Interims are best effort: at most one in flight per stream, none while a
+final is pending, so they never delay a final or reorder results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import duration_pb2
+
+from .api import stt_pb2
+from .audio import AudioDecoder
+from .errors import SttError, invalid_argument, out_of_range
+from .model import DecodeRequest, Hypothesis, SpeechModel
+from .options import ServerOptions
+from .recognizer import (
+    InterimDue,
+    LocalAgreement,
+    SpeechStarted,
+    StreamingRecognizer,
+    UtteranceEnded,
+)
+from .scheduler import InferenceScheduler
+from .settings import RecognitionSettings, recognition_settings
+
+logger = logging.getLogger(__name__)
+
+_END = object()
+MAX_QUEUED_INTERIMS = 4  # a client that reads slowly gets fewer interims, never fewer finals
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    value = duration_pb2.Duration()
+    value.FromNanoseconds(int(round(seconds * 1e9)))
+    return value
+
+
+def final_result(hypothesis: Hypothesis, event: UtteranceEnded,
+                 settings: RecognitionSettings) -> stt_pb2.StreamingRecognitionResult:
+    """The final result of an utterance, with word offsets from the stream start."""
+    best = stt_pb2.SpeechRecognitionAlternative(
+        transcript=hypothesis.text, confidence=hypothesis.confidence
+    )
+    for word in hypothesis.words:
+        best.words.add(
+            word=word.word,
+            start_offset=duration(event.start + word.start),
+            end_offset=duration(event.start + word.end),
+            confidence=word.probability,
+        )
+    alternatives = [best] + [
+        stt_pb2.SpeechRecognitionAlternative(transcript=text)
+        for text in hypothesis.alternatives[: settings.alternatives - 1]
+    ]
+    return stt_pb2.StreamingRecognitionResult(
+        alternatives=alternatives,
+        is_final=True,
+        stability=1.0,
+        result_start_offset=duration(event.start),
+        result_end_offset=duration(event.end),
+        utterance_index=event.utterance_index,
+        language_code=hypothesis.language,
+    )
+
+
+class StreamSession:
+    """Serves one bidirectional stream."""
+
+    def __init__(
+        self,
+        model: SpeechModel,
+        scheduler: InferenceScheduler,
+        options: ServerOptions,
+    ) -> None:
+        self.model = model
+        self.scheduler = scheduler
+        self.options = options
+        self.settings: RecognitionSettings | None = None
+        self._out: asyncio.Queue = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+        self._interim: asyncio.Task | None = None
+        self._finals: list[asyncio.Task] = []
+        self._agreement = LocalAgreement()
+        self._received_bytes = 0
+        self._received_seconds = 0.0
+        self._stopping = False
+        self._single_utterance_done = False
+        self.chunks = 0
+
+    async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[stt_pb2.StreamingRecognizeResponse]:
+        """Yields responses; raises SttError after delivering every final it owes."""
+        try:
+            first = await anext(requests, None)
+            if first is None or not first.HasField("streaming_config"):
+                got = "end of stream" if first is None else "audio_content"
+                raise invalid_argument(
+                    "STT_CONFIG_MISSING",
+                    f"the first message must carry streaming_config; got {got}",
+                    "streaming_config",
+                )
+            self.settings = recognition_settings(
+                first.streaming_config.config,
+                self.model,
+                self.options.default_streaming,
+                streaming=first.streaming_config,
+                field_prefix="streaming_config.config",
+            )
+            self._decoder = AudioDecoder(
+                self.settings.encoding, self.settings.sample_rate, self.settings.channels
+            )
+            self._recognizer = StreamingRecognizer(self.settings.streaming)
+            self._reader = asyncio.create_task(self._read(requests))
+            while True:
+                item = await self._out.get()
+                if item is _END:
+                    return
+                if isinstance(item, SttError):
+                    raise item
+                yield item
+        finally:
+            self._close()
+
+    def stop(self) -> None:
+        """Server shutdown: stop reading, finalise what was received, then end."""
+        self._stopping = True
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
+
+    def _close(self) -> None:
+        tasks = [self._reader, self._interim, *self._finals]
+        for task in tasks:
+            if task is not None and not task.done():
+                task.cancel()
+
+    async def _read(self, requests: AsyncIterator[Any]) -> None:
+        error: SttError | None = None
+        try:
+            async for request in requests:
+                if request.HasField("streaming_config"):
+                    raise invalid_argument(
+                        "STT_CONFIG_DUPLICATE",
+                        "streaming_config was sent again after the first message; "
+                        "later messages must carry only audio_content",
+                        "streaming_config",
+                    )
+                if not self._accept(request.audio_content):
+                    break
+        except SttError as exc:
+            error = exc
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            error = SttError(
+                grpc.StatusCode.UNAVAILABLE,
+                "STT_SERVER_SHUTTING_DOWN",
+                "the server is shutting down; audio received so far was transcribed",
+            )
+        except Exception:
+            logger.exception("reading the stream failed")
+            error = SttError(grpc.StatusCode.INTERNAL, "STT_INTERNAL", "internal server error")
+        try:
+            # Whatever was received before the end or the error is still transcribed.
+            if not self._single_utterance_done:
+                tail = self._recognizer.accept(self._decoder.flush())
+                self._handle(tail + self._recognizer.finish())
+            await self._deliver_finals()
+        except SttError as exc:
+            error = error or exc
+        self._out.put_nowait(error or _END)
+
+    def _accept(self, data: bytes) -> bool:
+        """Feeds one chunk; returns False once the stream should stop reading."""
+        limits = self.options
+        if len(data) > limits.max_chunk_bytes:
+            raise out_of_range(
+                "STT_CHUNK_TOO_LARGE",
+                f"audio_content of {len(data)} bytes exceeds the limit of "
+                f"{limits.max_chunk_bytes} bytes per message",
+                "audio_content",
+            )
+        self.chunks += 1
+        allowed = limits.max_stream_seconds - self._received_seconds
+        seconds = self._decoder.seconds(len(data))
+        too_long = seconds > allowed + 1e-9
+        if too_long:
+            frame = self._decoder.bytes_per_sample * self._decoder.channels
+            data = data[: int(allowed * self._decoder.sample_rate) * frame]
+            seconds = self._decoder.seconds(len(data))
+        self._received_bytes += len(data)
+        self._received_seconds += seconds
+        if not self._handle(self._recognizer.accept(self._decoder.decode(data))):
+            return False
+        if too_long:
+            raise out_of_range(
+                "STT_STREAM_TOO_LONG",
+                f"the stream exceeded the maximum duration of {limits.max_stream_seconds:g} s "
+                "of audio; finals for the audio before the limit were delivered",
+                "audio_content",
+            )
+        return True
+
+    def _handle(self, events: list) -> bool:
+        """Acts on recognizer events; returns False when a single utterance is done."""
+        for event in events:
+            if isinstance(event, SpeechStarted):
+                self._event(stt_pb2.SpeechEvent.SPEECH_STARTED, event.offset, event.utterance_index)
+            elif isinstance(event, InterimDue):
+                self._start_interim(event)
+            elif isinstance(event, UtteranceEnded):
+                self._event(stt_pb2.SpeechEvent.SPEECH_ENDED, event.speech_end, event.utterance_index)
+                self._start_final(event)
+                if self.settings.streaming.single_utterance:
+                    self._single_utterance_done = True
+                    self._event(stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE, event.end,
+                                event.utterance_index)
+                    return False
+        return True
+
+    def _event(self, kind: int, offset: float, index: int) -> None:
+        self._put(stt_pb2.StreamingRecognizeResponse(
+            speech_event=stt_pb2.SpeechEvent(type=kind, offset=duration(offset),
+                                             utterance_index=index)
+        ))
+
+    def _put(self, response: stt_pb2.StreamingRecognizeResponse) -> None:
+        response.total_billed_time.CopyFrom(duration(self._received_seconds))
+        self._out.put_nowait(response)
+
+    def _request(self, final: bool, prefix: str = "") -> DecodeRequest:
+        return DecodeRequest(
+            final=final,
+            language=self.settings.language,
+            prompt=self.settings.prompt,
+            prefix=prefix,
+            word_timestamps=final and self.settings.word_time_offsets,
+            alternatives=self.settings.alternatives if final else 1,
+        )
+
+    def _start_interim(self, event: InterimDue) -> None:
+        busy = self._interim is not None and not self._interim.done()
+        if busy or any(not task.done() for task in self._finals):
+            return  # coalesced: the next interim covers this audio too
+        if self._out.qsize() >= MAX_QUEUED_INTERIMS:
+            return
+        self._interim = asyncio.create_task(self._run_interim(event))
+
+    async def _run_interim(self, event: InterimDue) -> None:
+        request = self._request(final=False, prefix=self._agreement.stable_text)
+        try:
+            outcome = await self.scheduler.decode(event.audio, request)
+        except Exception:
+            logger.exception("interim decode failed")  # the final still covers this audio
+            return
+        if event.utterance_index != self._recognizer.utterance_index:
+            return  # the utterance ended meanwhile; its final supersedes this
+        if not outcome.hypothesis.text:
+            return
+        text, stability = self._agreement.update(outcome.hypothesis.text)
+        self._put(stt_pb2.StreamingRecognizeResponse(result=stt_pb2.StreamingRecognitionResult(
+            alternatives=[stt_pb2.SpeechRecognitionAlternative(
+                transcript=text, confidence=outcome.hypothesis.confidence)],
+            is_final=False,
+            stability=stability,
+            stable_transcript=self._agreement.stable_text,
+            result_start_offset=duration(event.start),
+            result_end_offset=duration(event.end),
+            utterance_index=event.utterance_index,
+            language_code=outcome.hypothesis.language,
+        )))
+
+    def _start_final(self, event: UtteranceEnded) -> None:
+        if self._interim is not None and not self._interim.done():
+            self._interim.cancel()
+        self._agreement = LocalAgreement()
+        previous = self._finals[-1] if self._finals else None
+        decode = asyncio.ensure_future(self.scheduler.decode(event.audio, self._request(final=True)))
+        self._finals.append(asyncio.create_task(self._run_final(event, decode, previous)))
+
+    async def _run_final(self, event: UtteranceEnded, decode: asyncio.Future,
+                         previous: asyncio.Task | None) -> None:
+        try:
+            outcome = await decode
+        finally:
+            if previous is not None:
+                await asyncio.wait([previous])  # results leave in utterance order
+        if outcome.hypothesis.is_speech:
+            self._put(stt_pb2.StreamingRecognizeResponse(
+                result=final_result(outcome.hypothesis, event, self.settings)
+            ))
+
+    async def _deliver_finals(self) -> None:
+        if self._finals:
+            await asyncio.wait(self._finals)
+        for task in self._finals:
+            if not task.cancelled() and task.exception() is not None:
+                logger.error("final decode failed", exc_info=task.exception())
+                raise SttError(grpc.StatusCode.INTERNAL, "STT_DECODE_FAILED",
+                               "decoding an utterance failed on the server")
+
+
+async def recognize(
+    audio_content: bytes,
+    settings: RecognitionSettings,
+    model: SpeechModel,
+    scheduler: InferenceScheduler,
+) -> stt_pb2.RecognizeResponse:
+    """Unary recognition: segment the whole buffer, decode every utterance."""
+    decoder = AudioDecoder(settings.encoding, settings.sample_rate, settings.channels)
+    recognizer = StreamingRecognizer(settings.streaming)
+    samples = np.concatenate([decoder.decode(audio_content), decoder.flush()])
+    events = [e for e in recognizer.accept(samples) + recognizer.finish()
+              if isinstance(e, UtteranceEnded)]
+    request = DecodeRequest(final=True, language=settings.language, prompt=settings.prompt,
+                            word_timestamps=settings.word_time_offsets,
+                            alternatives=settings.alternatives)
+    outcomes = await asyncio.gather(*(scheduler.decode(e.audio, request) for e in events))
+    response = stt_pb2.RecognizeResponse(total_billed_time=duration(decoder.seconds(len(audio_content))))
+    for event, outcome in zip(events, outcomes):
+        if outcome.hypothesis.is_speech:
+            response.results.append(final_result(outcome.hypothesis, event, settings))
+    return response

@@ -1,0 +1,206 @@
+"""Real speech through real gRPC on loopback: accuracy, interims, concurrency, silence."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.api import stt_pb2
+from engine.audio import float_to_linear16, read_audio_file
+from engine.client import SpeechClient, StreamConfig, chunk_bytes, final_transcripts
+from tests.conftest import JFK_TEXT, wer
+
+
+def stream_clip(target: str, audio: np.ndarray, config: StreamConfig | None = None,
+                realtime: bool = True) -> tuple[list, list[float]]:
+    """Streams audio; returns the responses and their arrival times from the first chunk."""
+    with SpeechClient(target) as client:
+        started = time.monotonic()
+        responses, arrivals = [], []
+        for response in client.stream_audio(audio, config, realtime=realtime):
+            responses.append(response)
+            arrivals.append(time.monotonic() - started)
+    return responses, arrivals
+
+
+@pytest.fixture(scope="module")
+def offline_model():
+    from faster_whisper import WhisperModel
+
+    from engine.model import resolve_model_path
+
+    return WhisperModel(resolve_model_path("tiny.en"), compute_type="int8", cpu_threads=2)
+
+
+def offline_transcript(model, audio: np.ndarray) -> str:
+    """Offline faster-whisper, beam 5: the reference line."""
+    return "".join(s.text for s in model.transcribe(audio, beam_size=5)[0])
+
+
+@pytest.fixture(scope="module")
+def offline_baseline(clips, offline_model):
+    return [offline_transcript(offline_model, c.audio) for c in clips]
+
+
+def test_real_time_streams_match_offline_wer(server, clips, offline_baseline):
+    # All clips as parallel real-time streams in 100 ms chunks.
+    with ThreadPoolExecutor(len(clips)) as pool:
+        outcomes = list(pool.map(lambda c: stream_clip(server.target, c.audio), clips))
+    hypotheses = [" ".join(final_transcripts(responses)) for responses, _ in outcomes]
+    references = [c.transcript for c in clips]
+    streaming_wer = wer(references, hypotheses)
+    offline_wer = wer(references, offline_baseline)
+    print(f"\nfinal WER streaming={streaming_wer:.4f} offline={offline_wer:.4f}")
+    assert streaming_wer <= offline_wer + 0.01, list(zip(references, hypotheses))
+
+    for clip, (responses, _) in zip(clips, outcomes):
+        kinds = [r.WhichOneof("response") for r in responses]
+        assert "result" in kinds, clip.name
+        finals = [r.result for r in responses if r.HasField("result") and r.result.is_final]
+        indexes = [f.utterance_index for f in finals]
+        assert indexes == sorted(set(indexes)), "finals in utterance order, once each"
+        for f in finals:
+            assert f.result_end_offset.ToTimedelta().total_seconds() <= clip.seconds + 0.05
+
+
+def test_interim_results_arrive_before_the_utterance_ends(server, jfk):
+    responses, arrivals = stream_clip(server.target, jfk, StreamConfig(interim_results=True))
+    first_final = next(i for i, r in enumerate(responses)
+                       if r.HasField("result") and r.result.is_final)
+    interims = [(r, t) for r, t in zip(responses, arrivals)
+                if r.HasField("result") and not r.result.is_final]
+    assert interims, "no interim results"
+    first_interim, at = interims[0]
+    assert responses.index(first_interim) < first_final
+    # Before the utterance's own end in the audio, i.e. while the speaker is talking.
+    assert at < first_interim.result.result_end_offset.ToTimedelta().total_seconds() + 1.0
+    stabilities = [r.result.stability for r, _ in interims]
+    assert all(0.0 <= s <= 1.0 for s in stabilities)
+    # Stable prefixes are never revised within an utterance.
+    by_utterance: dict[int, str] = {}
+    for r, _ in interims:
+        stable = r.result.stable_transcript
+        previous = by_utterance.get(r.result.utterance_index, "")
+        assert stable.startswith(previous)
+        assert r.result.alternatives[0].transcript.startswith(stable)
+        by_utterance[r.result.utterance_index] = stable
+    events = [r.speech_event.type for r in responses if r.HasField("speech_event")]
+    assert events.count(stt_pb2.SpeechEvent.SPEECH_STARTED) == events.count(
+        stt_pb2.SpeechEvent.SPEECH_ENDED) >= 1
+
+
+def test_four_streams_run_concurrently(server, jfk):
+    single_started = time.monotonic()
+    single, _ = stream_clip(server.target, jfk)
+    single_time = time.monotonic() - single_started
+    started = time.monotonic()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: stream_clip(server.target, jfk), range(4)))
+    parallel_time = time.monotonic() - started
+    print(f"\none stream {single_time:.2f} s, four at once {parallel_time:.2f} s")
+    assert parallel_time < single_time * 1.3
+    for responses, _ in results:
+        assert wer([JFK_TEXT], [" ".join(final_transcripts(responses))]) < 0.1
+
+
+def test_silence_and_noise_produce_no_text(server):
+    rng = np.random.default_rng(7)
+    silence = np.zeros(16000 * 4, np.float32)
+    noise = (0.1 * rng.standard_normal(16000 * 4)).astype(np.float32)
+    for audio in (silence, noise):
+        responses, _ = stream_clip(server.target, audio, realtime=False)
+        assert [r for r in responses if r.HasField("result")] == []
+
+
+def test_word_offsets_and_alternatives(server, jfk):
+    config = StreamConfig(enable_word_time_offsets=True, max_alternatives=3, interim_results=False)
+    responses, _ = stream_clip(server.target, jfk, config, realtime=False)
+    finals = [r.result for r in responses if r.HasField("result")]
+    assert finals and all(f.is_final for f in finals)
+    words = [w for f in finals for w in f.alternatives[0].words]
+    assert len(words) >= 15
+    starts = [w.start_offset.ToTimedelta().total_seconds() for w in words]
+    assert starts == sorted(starts) and 0 <= starts[0] < 1.0 and starts[-1] < 11.0
+    assert all(w.end_offset.ToTimedelta() >= w.start_offset.ToTimedelta() for w in words)
+    assert all(0 < f.alternatives[0].confidence <= 1 for f in finals)
+
+
+@pytest.mark.parametrize("rate,channels,encoding", [
+    (8000, 1, stt_pb2.MULAW), (8000, 1, stt_pb2.ALAW), (48000, 2, stt_pb2.LINEAR16),
+    (44100, 1, stt_pb2.LINEAR16),
+])
+def test_other_rates_encodings_and_channels(server, rate, channels, encoding):
+    import subprocess
+
+    from tests.conftest import SAMPLE
+
+    fmt = {stt_pb2.MULAW: "mulaw", stt_pb2.ALAW: "alaw", stt_pb2.LINEAR16: "s16le"}[encoding]
+    wire = subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-i", str(SAMPLE), "-ar", str(rate),
+         "-ac", str(channels), "-f", fmt, "-"], capture_output=True, check=True).stdout
+    config = StreamConfig(encoding=encoding, sample_rate_hertz=rate, audio_channel_count=channels,
+                          interim_results=False)
+    chunk = len(wire) // 50 + 1  # deliberately not frame-aligned
+
+    def requests():
+        yield config.first_request()
+        for part in chunk_bytes(wire, chunk):
+            yield stt_pb2.StreamingRecognizeRequest(audio_content=part)
+
+    with SpeechClient(server.target) as client:
+        finals = final_transcripts(client.stream(requests()))
+    # Telephone-band audio costs tiny.en accuracy, so the reference is the same wire
+    # audio converted by FFmpeg to 16 kHz mono and recognised by the same server.
+    path = Path(tempfile.mkdtemp()) / f"wire.{fmt}"
+    path.write_bytes(wire)
+    subprocess.run(
+        ["ffmpeg", "-loglevel", "error", "-f", fmt, "-ar", str(rate), "-ac", str(channels),
+         "-i", str(path), "-ar", "16000", "-ac", "1", str(path) + ".wav"], check=True)
+    with SpeechClient(server.target) as client:
+        reference = client.recognize(read_audio_file(str(path) + ".wav"))
+    expected = " ".join(r.alternatives[0].transcript for r in reference.results)
+    # 8 kHz G.711 loses the upper band; tiny.en then flips a word or two on tiny
+    # sample-level differences, so telephone audio gets a wider margin.
+    margin = 0.2 if rate == 8000 else 0.05
+    assert wer([expected], [" ".join(finals)]) <= margin, (finals, expected)
+
+
+def test_single_utterance_ends_after_first(server, jfk):
+    config = StreamConfig(single_utterance=True, interim_results=False)
+    responses, _ = stream_clip(server.target, jfk, config, realtime=False)
+    events = [r.speech_event.type for r in responses if r.HasField("speech_event")]
+    assert stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE in events
+    finals = [r.result for r in responses if r.HasField("result")]
+    assert len(finals) == 1 and finals[0].utterance_index == 0
+    assert "americans" in finals[0].alternatives[0].transcript.lower()
+
+
+def test_unary_recognize_and_server_info(server, jfk):
+    with server.client() as client:
+        response = client.recognize(jfk)
+        info = client.server_info()
+    text = " ".join(r.alternatives[0].transcript for r in response.results)
+    assert wer([JFK_TEXT], [text]) < 0.1
+    assert all(r.is_final for r in response.results)
+    assert abs(response.total_billed_time.ToTimedelta().total_seconds() - 11.0) < 0.1
+    assert info.model == "tiny.en" and info.ready and info.languages == ["en"]
+    assert info.limits.max_concurrent_streams == 8
+    assert stt_pb2.MULAW in info.encodings
+
+
+def test_prompt_is_accepted(server, jfk):
+    responses, _ = stream_clip(server.target, jfk,
+                               StreamConfig(prompt="Kennedy inaugural address", interim_results=False),
+                               realtime=False)
+    assert wer([JFK_TEXT], [" ".join(final_transcripts(responses))]) < 0.15
+
+
+def test_linear16_bytes_helper_roundtrip():
+    samples = np.linspace(-1, 1, 101, dtype=np.float32)
+    back = np.frombuffer(float_to_linear16(samples), "<i2") / 32767
+    assert np.allclose(back, samples, atol=1e-4)
