@@ -83,9 +83,7 @@ class AudioDecoder:
         self.bytes_per_sample = 2 if encoding == stt_pb2.LINEAR16 else 1
         self._frame_bytes = self.bytes_per_sample * channels
         self._pending = b""
-        self._resampler = (
-            StreamingResampler(sample_rate) if sample_rate != TARGET_SAMPLE_RATE else None
-        )
+        self._resampler = StreamingResampler(sample_rate) if sample_rate != TARGET_SAMPLE_RATE else None
 
     def seconds(self, num_bytes: int) -> float:
         """Duration of ``num_bytes`` of wire audio."""

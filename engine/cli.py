@@ -46,32 +46,46 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
         compute_type=args.compute_type,
         cpu_threads=args.threads,
         workers=args.workers,
+        warmup_runs=args.warmup_runs,
     )
     return server, model
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     e = env_default
-    parser.add_argument("--address", default=e("address", "0.0.0.0:50051"),
-                        help="listen address (env STT_ADDRESS; port 0 picks a free port)")
-    parser.add_argument("--model", default=e("model", "tiny.en"),
-                        help="tiny.en (bundled), a faster-whisper model name or a CTranslate2 "
-                             "model directory (env STT_MODEL)")
+    parser.add_argument(
+        "--address",
+        default=e("address", "0.0.0.0:50051"),
+        help="listen address (env STT_ADDRESS; port 0 picks a free port)",
+    )
+    parser.add_argument(
+        "--model",
+        default=e("model", "tiny.en"),
+        help="tiny.en (bundled), a faster-whisper model name or a CTranslate2 "
+        "model directory (env STT_MODEL)",
+    )
     parser.add_argument("--device", default=e("device", "cpu"), help="cpu, cuda or auto")
     parser.add_argument("--compute-type", default=e("compute_type", "int8"))
-    parser.add_argument("--threads", type=int, default=int(e("threads", "1")),
-                        help="CPU threads per inference worker")
-    parser.add_argument("--workers", type=int, default=int(e("workers", "2")),
-                        help="inference calls run in parallel")
+    parser.add_argument(
+        "--threads", type=int, default=int(e("threads", "1")), help="CPU threads per inference worker"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=int(e("workers", "2")), help="inference calls run in parallel"
+    )
+    parser.add_argument(
+        "--warmup-runs",
+        type=int,
+        default=int(e("warmup_runs", "1")),
+        help="warm-up decode rounds before reporting SERVING",
+    )
     parser.add_argument("--max-streams", type=int, default=int(e("max_streams", "32")))
-    parser.add_argument("--max-stream-seconds", type=float,
-                        default=float(e("max_stream_seconds", "3600")))
+    parser.add_argument("--max-stream-seconds", type=float, default=float(e("max_stream_seconds", "3600")))
     parser.add_argument("--max-chunk-bytes", type=int, default=int(e("max_chunk_bytes", "1048576")))
     parser.add_argument("--drain-seconds", type=float, default=float(e("drain_seconds", "30")))
-    parser.add_argument("--silence-ms", type=int, default=int(e("silence_ms", "700")),
-                        help="default endpoint silence")
-    parser.add_argument("--interim-interval-ms", type=int,
-                        default=int(e("interim_interval_ms", "700")))
+    parser.add_argument(
+        "--silence-ms", type=int, default=int(e("silence_ms", "700")), help="default endpoint silence"
+    )
+    parser.add_argument("--interim-interval-ms", type=int, default=int(e("interim_interval_ms", "700")))
     parser.add_argument("--log-level", default=e("log_level", "INFO"))
 
 
@@ -154,8 +168,7 @@ def response_json(response: stt_pb2.StreamingRecognizeResponse) -> dict:
         "end": result.result_end_offset.ToTimedelta().total_seconds(),
     }
     if best.words:
-        data["words"] = [json_format.MessageToDict(w, preserving_proto_field_name=True)
-                         for w in best.words]
+        data["words"] = [json_format.MessageToDict(w, preserving_proto_field_name=True) for w in best.words]
     if len(result.alternatives) > 1:
         data["alternatives"] = [a.transcript for a in result.alternatives[1:]]
     return data

@@ -44,17 +44,19 @@ class StreamConfig:
         )
 
     def first_request(self) -> stt_pb2.StreamingRecognizeRequest:
-        return stt_pb2.StreamingRecognizeRequest(streaming_config=stt_pb2.StreamingRecognitionConfig(
-            config=self.recognition_config(),
-            interim_results=self.interim_results,
-            single_utterance=self.single_utterance,
-            interim_interval_ms=self.interim_interval_ms,
-        ))
+        return stt_pb2.StreamingRecognizeRequest(
+            streaming_config=stt_pb2.StreamingRecognitionConfig(
+                config=self.recognition_config(),
+                interim_results=self.interim_results,
+                single_utterance=self.single_utterance,
+                interim_interval_ms=self.interim_interval_ms,
+            )
+        )
 
 
 def chunk_bytes(data: bytes, chunk_size: int) -> Iterator[bytes]:
     for start in range(0, len(data), chunk_size):
-        yield data[start:start + chunk_size]
+        yield data[start : start + chunk_size]
 
 
 def paced(chunks: Iterable[bytes], seconds_per_chunk: float, realtime: bool) -> Iterator[bytes]:
@@ -121,12 +123,14 @@ class SpeechClient:
 
         return self.stream(requests(), metadata=metadata)
 
-    def recognize(self, audio: np.ndarray, config: StreamConfig | None = None,
-                  timeout: float = 120) -> stt_pb2.RecognizeResponse:
+    def recognize(
+        self, audio: np.ndarray, config: StreamConfig | None = None, timeout: float = 120
+    ) -> stt_pb2.RecognizeResponse:
         config = config or StreamConfig()
         return self.speech.Recognize(
-            stt_pb2.RecognizeRequest(config=config.recognition_config(),
-                                     audio_content=float_to_linear16(audio)),
+            stt_pb2.RecognizeRequest(
+                config=config.recognition_config(), audio_content=float_to_linear16(audio)
+            ),
             timeout=timeout,
         )
 
@@ -135,8 +139,7 @@ class SpeechClient:
 
     def health(self, service: str = "", timeout: float = 5) -> str:
         """The serving status name (SERVING, NOT_SERVING, ...)."""
-        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
-                                          timeout=timeout)
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def wait_until_serving(self, timeout: float = 120) -> None:

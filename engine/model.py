@@ -14,7 +14,6 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +119,7 @@ class SpeechModel:
         self.load_seconds = time.perf_counter() - started
         self.name = options.model if not Path(options.model).exists() else Path(options.model).name
         self.device = self._whisper.model.device
+        self._tokenizers: dict[str | None, tuple] = {}
 
     @property
     def multilingual(self) -> bool:
@@ -132,29 +132,28 @@ class SpeechModel:
     def supports_language(self, code: str) -> bool:
         return code in self._whisper.supported_languages
 
-    @lru_cache(maxsize=32)
     def _tokenizer(self, language: str | None):
-        from faster_whisper.tokenizer import Tokenizer
+        """Tokenizer and suppressed tokens for a language, built once per language."""
+        if language not in self._tokenizers:
+            from faster_whisper.tokenizer import Tokenizer
+            from faster_whisper.transcribe import get_suppressed_tokens
 
-        return Tokenizer(
-            self._whisper.hf_tokenizer,
-            self.multilingual,
-            task="transcribe",
-            language=language or ("en" if not self.multilingual else None),
-        )
-
-    @lru_cache(maxsize=32)
-    def _suppressed_tokens(self, language: str | None) -> tuple[int, ...]:
-        from faster_whisper.transcribe import get_suppressed_tokens
-
-        return tuple(get_suppressed_tokens(self._tokenizer(language), [-1]))
+            tokenizer = Tokenizer(
+                self._whisper.hf_tokenizer,
+                self.multilingual,
+                task="transcribe",
+                language=language or ("en" if not self.multilingual else None),
+            )
+            self._tokenizers[language] = (tokenizer, list(get_suppressed_tokens(tokenizer, [-1])))
+        return self._tokenizers[language]
 
     def features(self, audio: np.ndarray) -> tuple[np.ndarray, int]:
         """Log-mel features padded for the encoder, and the count of real audio frames."""
         mel = self._whisper.feature_extractor(audio)[..., :-1]
         content_frames = min(mel.shape[-1], MAX_ENCODER_FRAMES)
-        wanted = max(content_frames + self.decode_options.tail_padding_frames,
-                     self.decode_options.min_encoder_frames)
+        wanted = max(
+            content_frames + self.decode_options.tail_padding_frames, self.decode_options.min_encoder_frames
+        )
         wanted = min(MAX_ENCODER_FRAMES, wanted + wanted % 2)
         # Zero features, as faster-whisper's own pad_or_trim uses for the 30 s window.
         padded = np.zeros((mel.shape[0], wanted), dtype=np.float32)
@@ -173,7 +172,7 @@ class SpeechModel:
         if language is None and self.multilingual:
             token, _ = self._whisper.model.detect_language(encoder_output)[0][0]
             language = token[2:-2]
-        tokenizer = self._tokenizer(language)
+        tokenizer, suppressed_tokens = self._tokenizer(language)
         previous = tokenizer.encode(" " + request.prompt.strip()) if request.prompt.strip() else []
         prompt = self._whisper.get_prompt(
             tokenizer, previous, without_timestamps=True, prefix=request.prefix or None
@@ -190,8 +189,12 @@ class SpeechModel:
         best = None
         for temperature in temperatures:
             if temperature > 0:
-                sampling = {"beam_size": 1, "sampling_topk": 0, "sampling_temperature": temperature,
-                            "num_hypotheses": max(num_hypotheses, 1)}
+                sampling = {
+                    "beam_size": 1,
+                    "sampling_topk": 0,
+                    "sampling_temperature": temperature,
+                    "num_hypotheses": max(num_hypotheses, 1),
+                }
             else:
                 sampling = {"beam_size": beam_size, "num_hypotheses": num_hypotheses}
             result = self._whisper.model.generate(
@@ -201,7 +204,7 @@ class SpeechModel:
                 return_scores=True,
                 return_no_speech_prob=True,
                 suppress_blank=True,
-                suppress_tokens=list(self._suppressed_tokens(language)),
+                suppress_tokens=suppressed_tokens,
                 **sampling,
             )[0]
             tokens = result.sequences_ids[0]
@@ -209,8 +212,9 @@ class SpeechModel:
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
             text = tokenizer.decode(tokens).strip()
             candidate = (result, avg_logprob, temperature, text)
-            silent = (result.no_speech_prob > opts.no_speech_threshold
-                      and avg_logprob < opts.log_prob_threshold)
+            silent = (
+                result.no_speech_prob > opts.no_speech_threshold and avg_logprob < opts.log_prob_threshold
+            )
             repetitive = compression_ratio(text) > opts.compression_ratio_threshold
             improbable = avg_logprob < opts.log_prob_threshold
             if best is None or (not repetitive and avg_logprob > best[1]):
@@ -226,8 +230,7 @@ class SpeechModel:
         )
         words: list[Word] = []
         if is_speech and request.final and request.word_timestamps:
-            words = self._align_words(tokenizer, result.sequences_ids[0], encoder_output,
-                                      content_frames)
+            words = self._align_words(tokenizer, result.sequences_ids[0], encoder_output, content_frames)
         hypothesis = Hypothesis(
             text=text if is_speech else "",
             alternatives=[tokenizer.decode(ids).strip() for ids in result.sequences_ids[1:]],
@@ -251,9 +254,7 @@ class SpeechModel:
         from faster_whisper.transcribe import merge_punctuations
 
         text_tokens = [t for t in tokens if t < tokenizer.eot]
-        alignment = self._whisper.find_alignment(
-            tokenizer, [text_tokens], encoder_output, content_frames
-        )[0]
+        alignment = self._whisper.find_alignment(tokenizer, [text_tokens], encoder_output, content_frames)[0]
         merge_punctuations(alignment, PUNCTUATION_BEFORE, PUNCTUATION_AFTER)
         return [
             Word(w["word"].strip(), float(w["start"]), float(w["end"]), float(w["probability"]))
@@ -262,9 +263,10 @@ class SpeechModel:
         ]
 
     def warm_up(self) -> None:
-        """One interim and one final decode, so the first stream pays no lazy init."""
+        """Interim and final decodes, so the first stream pays no lazy initialisation."""
         rng = np.random.default_rng(0)
         audio = (0.01 * rng.standard_normal(TARGET_SAMPLE_RATE)).astype(np.float32)
         language = None if self.multilingual else "en"
-        self.decode(audio, DecodeRequest(final=False, language=language))
-        self.decode(audio, DecodeRequest(final=True, language=language, word_timestamps=True))
+        for _ in range(max(1, self.options.warmup_runs)):
+            self.decode(audio, DecodeRequest(final=False, language=language))
+            self.decode(audio, DecodeRequest(final=True, language=language, word_timestamps=True))

@@ -21,6 +21,8 @@ class ModelOptions:
         workers: inference calls that may run at the same time (CTranslate2 workers,
             and the size of the inference thread pool).
         download_root: where a named model may be cached when it is not bundled.
+        warmup_runs: rounds of interim+final decodes before reporting SERVING (GPUs and
+            large models reach steady speed only after a few).
     """
 
     model: str = "tiny.en"
@@ -29,6 +31,7 @@ class ModelOptions:
     cpu_threads: int = 1
     workers: int = 2
     download_root: str | None = None
+    warmup_runs: int = 1
 
 
 @dataclass(frozen=True)

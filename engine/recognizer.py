@@ -104,9 +104,14 @@ class StreamingRecognizer:
             if end_sample >= self._next_interim_sample:
                 self._next_interim_sample = end_sample + self._interim_samples
                 start = self._utterance_start_sample()
-                events.append(InterimDue(self.utterance_index, self._slice(start, end_sample),
-                                         start / TARGET_SAMPLE_RATE,
-                                         end_sample / TARGET_SAMPLE_RATE))
+                events.append(
+                    InterimDue(
+                        self.utterance_index,
+                        self._slice(start, end_sample),
+                        start / TARGET_SAMPLE_RATE,
+                        end_sample / TARGET_SAMPLE_RATE,
+                    )
+                )
         if not self._triggered:
             self._trim(self._buffer_start + len(self._buffer) - self._pad)
         return events
@@ -157,7 +162,7 @@ class StreamingRecognizer:
 
     def _split(self, frame: int, events: list[Event]) -> None:
         """Ends an over-long utterance at the quietest recent frame; speech continues."""
-        window = self._probs[-self._search_frames:]
+        window = self._probs[-self._search_frames :]
         cut_frame = frame - len(window) + 1 + int(np.argmin(window))
         cut_sample = (cut_frame + 1) * FRAME_SAMPLES
         events.append(self._end_utterance(cut_sample, cut_sample, "max_length", keep_from=cut_sample))
@@ -165,14 +170,15 @@ class StreamingRecognizer:
         self._start_frame = cut_frame + 1
         self._last_speech_frame = frame
         self._speech_frames = self._min_speech_frames
-        self._probs = self._probs[len(self._probs) - (frame - cut_frame):]
+        self._probs = self._probs[len(self._probs) - (frame - cut_frame) :]
         self._confirm(events)
 
     def _utterance_start_sample(self) -> int:
         return max(self._buffer_start, self._start_frame * FRAME_SAMPLES - self._pad)
 
-    def _end_utterance(self, end_sample: int, speech_end_sample: int, reason: str,
-                       keep_from: int | None = None) -> UtteranceEnded:
+    def _end_utterance(
+        self, end_sample: int, speech_end_sample: int, reason: str, keep_from: int | None = None
+    ) -> UtteranceEnded:
         start = self._utterance_start_sample()
         event = UtteranceEnded(
             self.utterance_index,
@@ -240,8 +246,8 @@ class LocalAgreement:
         agreed = min(agreed, max(0, len(words) - 1))
         if agreed > len(self.stable_words):
             # Keep the committed words verbatim; only append newly agreed ones.
-            self.stable_words = self.stable_words + words[len(self.stable_words):agreed]
+            self.stable_words = self.stable_words + words[len(self.stable_words) : agreed]
         self._previous = words
-        combined = self.stable_words + words[len(self.stable_words):]
+        combined = self.stable_words + words[len(self.stable_words) :]
         stability = len(self.stable_words) / len(combined) if combined else 0.0
         return " ".join(combined), stability

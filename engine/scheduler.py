@@ -59,8 +59,7 @@ class InferenceScheduler:
         assert self._queue is not None, "scheduler not started"
         future = asyncio.get_running_loop().create_future()
         priority = FINAL_PRIORITY if request.final else INTERIM_PRIORITY
-        self._queue.put_nowait((priority, next(self._order), time.perf_counter(),
-                                future, audio, request))
+        self._queue.put_nowait((priority, next(self._order), time.perf_counter(), future, audio, request))
         return await future
 
     async def _worker(self) -> None:
@@ -72,9 +71,7 @@ class InferenceScheduler:
             waited = time.perf_counter() - queued_at
             self.busy_workers += 1
             try:
-                hypothesis = await loop.run_in_executor(
-                    self._executor, self.model.decode, audio, request
-                )
+                hypothesis = await loop.run_in_executor(self._executor, self.model.decode, audio, request)
             except Exception as exc:  # surfaced to the stream that asked
                 if not future.done():
                     future.set_exception(exc)

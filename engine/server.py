@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .api import stt_pb2, stt_pb2_grpc
+from .api import stt_pb2_grpc
 from .model import SpeechModel
 from .options import ModelOptions, ServerOptions
 from .scheduler import InferenceScheduler
@@ -45,12 +45,14 @@ class SttServer:
     async def start(self) -> int:
         """Opens the port (health NOT_SERVING) and returns the bound port."""
         largest = max(self.options.max_chunk_bytes, self.options.max_recognize_bytes)
-        self._server = grpc.aio.server(options=[
-            # Above our own limits, so clients get our precise OUT_OF_RANGE errors.
-            ("grpc.max_receive_message_length", largest + MESSAGE_OVERHEAD),
-            ("grpc.max_send_message_length", 16 << 20),
-            ("grpc.so_reuseport", 0),
-        ])
+        self._server = grpc.aio.server(
+            options=[
+                # Above our own limits, so clients get our precise OUT_OF_RANGE errors.
+                ("grpc.max_receive_message_length", largest + MESSAGE_OVERHEAD),
+                ("grpc.max_send_message_length", 16 << 20),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
         stt_pb2_grpc.add_SpeechServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -62,8 +64,7 @@ class SttServer:
         if self.port == 0:
             raise RuntimeError(f"could not listen on {self.options.address}")
         await self._server.start()
-        logger.info("listening on %s (health NOT_SERVING until the model is warm)",
-                    self.address)
+        logger.info("listening on %s (health NOT_SERVING until the model is warm)", self.address)
         return self.port
 
     @property
@@ -87,10 +88,16 @@ class SttServer:
         self.service.attach(model, self._scheduler)
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("ready: serving %s on %s (%s, %s, %d workers x %d threads) in %.1f s",
-                    model.name, self.address, model.device, self.model_options.compute_type,
-                    self.model_options.workers, self.model_options.cpu_threads,
-                    time.perf_counter() - started)
+        logger.info(
+            "ready: serving %s on %s (%s, %s, %d workers x %d threads) in %.1f s",
+            model.name,
+            self.address,
+            model.device,
+            self.model_options.compute_type,
+            self.model_options.workers,
+            self.model_options.cpu_threads,
+            time.perf_counter() - started,
+        )
         return model
 
     async def drain_and_stop(self) -> None:

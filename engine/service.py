@@ -49,21 +49,29 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
 
     def _admit(self) -> None:
         if self.draining:
-            raise SttError(grpc.StatusCode.UNAVAILABLE, "STT_SERVER_DRAINING",
-                           "the server is draining for shutdown; retry on another instance")
+            raise SttError(
+                grpc.StatusCode.UNAVAILABLE,
+                "STT_SERVER_DRAINING",
+                "the server is draining for shutdown; retry on another instance",
+            )
         if self.scheduler is None:
-            raise SttError(grpc.StatusCode.UNAVAILABLE, "STT_MODEL_LOADING",
-                           "the model is still loading; retry when health reports SERVING")
+            raise SttError(
+                grpc.StatusCode.UNAVAILABLE,
+                "STT_MODEL_LOADING",
+                "the model is still loading; retry when health reports SERVING",
+            )
 
     async def StreamingRecognize(
-        self, request_iterator: AsyncIterator[stt_pb2.StreamingRecognizeRequest],
+        self,
+        request_iterator: AsyncIterator[stt_pb2.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[stt_pb2.StreamingRecognizeResponse]:
         try:
             self._admit()
             if len(self.sessions) >= self.options.max_concurrent_streams:
                 raise SttError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED, "STT_TOO_MANY_STREAMS",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "STT_TOO_MANY_STREAMS",
                     f"the server is at its limit of {self.options.max_concurrent_streams} "
                     "concurrent streams; retry later or on another instance",
                 )
@@ -79,8 +87,9 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         finally:
             self.sessions.discard(session)
 
-    async def Recognize(self, request: stt_pb2.RecognizeRequest,
-                        context: grpc.aio.ServicerContext) -> stt_pb2.RecognizeResponse:
+    async def Recognize(
+        self, request: stt_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
+    ) -> stt_pb2.RecognizeResponse:
         try:
             self._admit()
             if len(request.audio_content) > self.options.max_recognize_bytes:
@@ -92,14 +101,14 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
                 )
             if not request.HasField("config"):
                 raise invalid_argument("STT_CONFIG_MISSING", "config is required", "config")
-            settings = recognition_settings(request.config, self.model,
-                                            self.options.default_streaming)
+            settings = recognition_settings(request.config, self.model, self.options.default_streaming)
             return await recognize(request.audio_content, settings, self.model, self.scheduler)
         except SttError as error:
             await abort_with(context, error)
 
-    async def GetServerInfo(self, request: stt_pb2.GetServerInfoRequest,
-                            context: grpc.aio.ServicerContext) -> stt_pb2.ServerInfo:
+    async def GetServerInfo(
+        self, request: stt_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> stt_pb2.ServerInfo:
         info = stt_pb2.ServerInfo(
             version=__version__,
             encodings=list(SUPPORTED_ENCODINGS),

@@ -45,12 +45,11 @@ def duration(seconds: float) -> duration_pb2.Duration:
     return value
 
 
-def final_result(hypothesis: Hypothesis, event: UtteranceEnded,
-                 settings: RecognitionSettings) -> stt_pb2.StreamingRecognitionResult:
+def final_result(
+    hypothesis: Hypothesis, event: UtteranceEnded, settings: RecognitionSettings
+) -> stt_pb2.StreamingRecognitionResult:
     """The final result of an utterance, with word offsets from the stream start."""
-    best = stt_pb2.SpeechRecognitionAlternative(
-        transcript=hypothesis.text, confidence=hypothesis.confidence
-    )
+    best = stt_pb2.SpeechRecognitionAlternative(transcript=hypothesis.text, confidence=hypothesis.confidence)
     for word in hypothesis.words:
         best.words.add(
             word=word.word,
@@ -221,16 +220,16 @@ class StreamSession:
                 self._start_final(event)
                 if self.settings.streaming.single_utterance:
                     self._single_utterance_done = True
-                    self._event(stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE, event.end,
-                                event.utterance_index)
+                    self._event(stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE, event.end, event.utterance_index)
                     return False
         return True
 
     def _event(self, kind: int, offset: float, index: int) -> None:
-        self._put(stt_pb2.StreamingRecognizeResponse(
-            speech_event=stt_pb2.SpeechEvent(type=kind, offset=duration(offset),
-                                             utterance_index=index)
-        ))
+        self._put(
+            stt_pb2.StreamingRecognizeResponse(
+                speech_event=stt_pb2.SpeechEvent(type=kind, offset=duration(offset), utterance_index=index)
+            )
+        )
 
     def _put(self, response: stt_pb2.StreamingRecognizeResponse) -> None:
         response.total_billed_time.CopyFrom(duration(self._received_seconds))
@@ -266,17 +265,24 @@ class StreamSession:
         if not outcome.hypothesis.text:
             return
         text, stability = self._agreement.update(outcome.hypothesis.text)
-        self._put(stt_pb2.StreamingRecognizeResponse(result=stt_pb2.StreamingRecognitionResult(
-            alternatives=[stt_pb2.SpeechRecognitionAlternative(
-                transcript=text, confidence=outcome.hypothesis.confidence)],
-            is_final=False,
-            stability=stability,
-            stable_transcript=self._agreement.stable_text,
-            result_start_offset=duration(event.start),
-            result_end_offset=duration(event.end),
-            utterance_index=event.utterance_index,
-            language_code=outcome.hypothesis.language,
-        )))
+        self._put(
+            stt_pb2.StreamingRecognizeResponse(
+                result=stt_pb2.StreamingRecognitionResult(
+                    alternatives=[
+                        stt_pb2.SpeechRecognitionAlternative(
+                            transcript=text, confidence=outcome.hypothesis.confidence
+                        )
+                    ],
+                    is_final=False,
+                    stability=stability,
+                    stable_transcript=self._agreement.stable_text,
+                    result_start_offset=duration(event.start),
+                    result_end_offset=duration(event.end),
+                    utterance_index=event.utterance_index,
+                    language_code=outcome.hypothesis.language,
+                )
+            )
+        )
 
     def _start_final(self, event: UtteranceEnded) -> None:
         if self._interim is not None and not self._interim.done():
@@ -286,17 +292,20 @@ class StreamSession:
         decode = asyncio.ensure_future(self.scheduler.decode(event.audio, self._request(final=True)))
         self._finals.append(asyncio.create_task(self._run_final(event, decode, previous)))
 
-    async def _run_final(self, event: UtteranceEnded, decode: asyncio.Future,
-                         previous: asyncio.Task | None) -> None:
+    async def _run_final(
+        self, event: UtteranceEnded, decode: asyncio.Future, previous: asyncio.Task | None
+    ) -> None:
         try:
             outcome = await decode
         finally:
             if previous is not None:
                 await asyncio.wait([previous])  # results leave in utterance order
         if outcome.hypothesis.is_speech:
-            self._put(stt_pb2.StreamingRecognizeResponse(
-                result=final_result(outcome.hypothesis, event, self.settings)
-            ))
+            self._put(
+                stt_pb2.StreamingRecognizeResponse(
+                    result=final_result(outcome.hypothesis, event, self.settings)
+                )
+            )
 
     async def _deliver_finals(self) -> None:
         if self._finals:
@@ -304,8 +313,11 @@ class StreamSession:
         for task in self._finals:
             if not task.cancelled() and task.exception() is not None:
                 logger.error("final decode failed", exc_info=task.exception())
-                raise SttError(grpc.StatusCode.INTERNAL, "STT_DECODE_FAILED",
-                               "decoding an utterance failed on the server")
+                raise SttError(
+                    grpc.StatusCode.INTERNAL,
+                    "STT_DECODE_FAILED",
+                    "decoding an utterance failed on the server",
+                )
 
 
 async def recognize(
@@ -318,11 +330,14 @@ async def recognize(
     decoder = AudioDecoder(settings.encoding, settings.sample_rate, settings.channels)
     recognizer = StreamingRecognizer(settings.streaming)
     samples = np.concatenate([decoder.decode(audio_content), decoder.flush()])
-    events = [e for e in recognizer.accept(samples) + recognizer.finish()
-              if isinstance(e, UtteranceEnded)]
-    request = DecodeRequest(final=True, language=settings.language, prompt=settings.prompt,
-                            word_timestamps=settings.word_time_offsets,
-                            alternatives=settings.alternatives)
+    events = [e for e in recognizer.accept(samples) + recognizer.finish() if isinstance(e, UtteranceEnded)]
+    request = DecodeRequest(
+        final=True,
+        language=settings.language,
+        prompt=settings.prompt,
+        word_timestamps=settings.word_time_offsets,
+        alternatives=settings.alternatives,
+    )
     outcomes = await asyncio.gather(*(scheduler.decode(e.audio, request) for e in events))
     response = stt_pb2.RecognizeResponse(total_billed_time=duration(decoder.seconds(len(audio_content))))
     for event, outcome in zip(events, outcomes):

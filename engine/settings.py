@@ -60,8 +60,9 @@ def recognition_settings(
     """Validates ``config`` (and the streaming options) against the loaded model."""
     f = field_prefix + "."
     if config.encoding == stt_pb2.ENCODING_UNSPECIFIED:
-        raise invalid_argument("STT_ENCODING_UNSUPPORTED",
-                               f"{f}encoding is required (LINEAR16, MULAW or ALAW)", f + "encoding")
+        raise invalid_argument(
+            "STT_ENCODING_UNSUPPORTED", f"{f}encoding is required (LINEAR16, MULAW or ALAW)", f + "encoding"
+        )
     if config.encoding not in SUPPORTED_ENCODINGS:
         raise invalid_argument(
             "STT_ENCODING_UNSUPPORTED",
@@ -86,20 +87,19 @@ def recognition_settings(
     options = defaults
     endpointing = config.endpointing
     if endpointing.silence_duration_ms:
-        _check_range(endpointing.silence_duration_ms, 100, 5000,
-                     f + "endpointing.silence_duration_ms", "ms")
+        _check_range(endpointing.silence_duration_ms, 100, 5000, f + "endpointing.silence_duration_ms", "ms")
         options = dataclasses.replace(options, silence_duration_ms=endpointing.silence_duration_ms)
     if endpointing.max_utterance_ms:
-        _check_range(endpointing.max_utterance_ms, 2000, MAX_UTTERANCE_MS,
-                     f + "endpointing.max_utterance_ms", "ms")
+        _check_range(
+            endpointing.max_utterance_ms, 2000, MAX_UTTERANCE_MS, f + "endpointing.max_utterance_ms", "ms"
+        )
         options = dataclasses.replace(
             options,
             max_utterance_ms=endpointing.max_utterance_ms,
             split_search_ms=min(options.split_search_ms, endpointing.max_utterance_ms // 2),
         )
     if endpointing.speech_threshold:
-        _check_range(endpointing.speech_threshold, 0.05, 0.95,
-                     f + "endpointing.speech_threshold", "")
+        _check_range(endpointing.speech_threshold, 0.05, 0.95, f + "endpointing.speech_threshold", "")
         options = dataclasses.replace(options, speech_threshold=endpointing.speech_threshold)
     if streaming is not None:
         options = dataclasses.replace(
@@ -108,8 +108,9 @@ def recognition_settings(
             single_utterance=streaming.single_utterance,
         )
         if streaming.interim_interval_ms:
-            _check_range(streaming.interim_interval_ms, 200, 10000,
-                         "streaming_config.interim_interval_ms", "ms")
+            _check_range(
+                streaming.interim_interval_ms, 200, 10000, "streaming_config.interim_interval_ms", "ms"
+            )
             options = dataclasses.replace(options, interim_interval_ms=streaming.interim_interval_ms)
     else:
         options = dataclasses.replace(options, interim_results=False)

@@ -31,9 +31,7 @@ def _session():
     options.enable_cpu_mem_arena = False
     options.log_severity_level = 4
     path = Path(get_assets_path()) / "silero_vad_v6.onnx"
-    return onnxruntime.InferenceSession(
-        str(path), providers=["CPUExecutionProvider"], sess_options=options
-    )
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"], sess_options=options)
 
 
 def load_vad_model() -> None:

@@ -21,8 +21,11 @@ from engine.client import SpeechClient, StreamConfig, final_transcripts
 REPO = Path(__file__).resolve().parent.parent
 AUDIO_DIR = Path(os.environ.get("STT_TEST_AUDIO", REPO.parent / "shared" / "audio"))
 SAMPLE = REPO / "engine" / "samples" / "jfk.wav"
-JFK_TEXT = ("And so my fellow Americans, ask not what your country can do for you, "
-            "ask what you can do for your country.")
+JFK_TEXT = (
+    "And so my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+JFK_OPENING = "And so my fellow Americans, ask not"  # its first 5 seconds
 
 
 @dataclass
@@ -83,7 +86,9 @@ class ServerProcess:
         self._log = self.log_path.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "engine", "serve", "--address", self.target, *args],
-            cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
@@ -123,8 +128,16 @@ class ServerProcess:
 def server():
     """One shared server with small limits so the limit tests are quick."""
     proc = ServerProcess(
-        "--max-streams", "8", "--max-stream-seconds", "20", "--max-chunk-bytes", "65536",
-        "--workers", "2", "--threads", "1",
+        "--max-streams",
+        "8",
+        "--max-stream-seconds",
+        "20",
+        "--max-chunk-bytes",
+        "65536",
+        "--workers",
+        "2",
+        "--threads",
+        "1",
     )
     try:
         proc.wait_ready()
@@ -136,9 +149,10 @@ def server():
 class BackgroundStream:
     """A good stream running beside a test, to prove other streams are unaffected."""
 
-    def __init__(self, target: str, audio: np.ndarray) -> None:
+    def __init__(self, target: str, audio: np.ndarray, expected: str) -> None:
         self.target = target
         self.audio = audio
+        self.expected = expected
         self.finals: list[str] = []
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -158,4 +172,4 @@ class BackgroundStream:
         assert not self._thread.is_alive(), "background stream did not finish"
         if self.error is not None:
             raise self.error
-        assert wer([JFK_TEXT], [" ".join(self.finals)]) < 0.1, self.finals
+        assert wer([self.expected], [" ".join(self.finals)]) < 0.1, self.finals

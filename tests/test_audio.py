@@ -14,8 +14,9 @@ needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg
 
 
 def ffmpeg(*args: str, data: bytes | None = None) -> bytes:
-    return subprocess.run(["ffmpeg", "-loglevel", "error", *args], input=data,
-                          capture_output=True, check=True).stdout
+    return subprocess.run(
+        ["ffmpeg", "-loglevel", "error", *args], input=data, capture_output=True, check=True
+    ).stdout
 
 
 @needs_ffmpeg
@@ -35,7 +36,7 @@ def test_linear16_odd_chunks_are_buffered():
     data = float_to_linear16(samples)
     whole = AudioDecoder(stt_pb2.LINEAR16, 16000).decode(data)
     decoder = AudioDecoder(stt_pb2.LINEAR16, 16000)
-    parts = [decoder.decode(data[i:i + 333]) for i in range(0, len(data), 333)]
+    parts = [decoder.decode(data[i : i + 333]) for i in range(0, len(data), 333)]
     parts.append(decoder.decode(b""))
     assert np.array_equal(np.concatenate(parts), whole)
     assert decoder.pending_bytes == 0
@@ -58,8 +59,9 @@ def test_resampling_keeps_duration_and_pitch(rate):
     decoder = AudioDecoder(stt_pb2.LINEAR16, rate)
     data = float_to_linear16(tone)
     chunk = rate // 10 * 2
-    out = np.concatenate([decoder.decode(data[i:i + chunk]) for i in range(0, len(data), chunk)]
-                         + [decoder.flush()])
+    out = np.concatenate(
+        [decoder.decode(data[i : i + chunk]) for i in range(0, len(data), chunk)] + [decoder.flush()]
+    )
     assert abs(len(out) - 16000 * seconds) <= 32
     spectrum = np.abs(np.fft.rfft(out[1000:-1000]))
     peak_hz = np.argmax(spectrum) * 16000 / len(out[1000:-1000])

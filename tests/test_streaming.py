@@ -16,8 +16,9 @@ from engine.client import SpeechClient, StreamConfig, chunk_bytes, final_transcr
 from tests.conftest import JFK_TEXT, wer
 
 
-def stream_clip(target: str, audio: np.ndarray, config: StreamConfig | None = None,
-                realtime: bool = True) -> tuple[list, list[float]]:
+def stream_clip(
+    target: str, audio: np.ndarray, config: StreamConfig | None = None, realtime: bool = True
+) -> tuple[list, list[float]]:
     """Streams audio; returns the responses and their arrival times from the first chunk."""
     with SpeechClient(target) as client:
         started = time.monotonic()
@@ -70,10 +71,8 @@ def test_real_time_streams_match_offline_wer(server, clips, offline_baseline):
 
 def test_interim_results_arrive_before_the_utterance_ends(server, jfk):
     responses, arrivals = stream_clip(server.target, jfk, StreamConfig(interim_results=True))
-    first_final = next(i for i, r in enumerate(responses)
-                       if r.HasField("result") and r.result.is_final)
-    interims = [(r, t) for r, t in zip(responses, arrivals)
-                if r.HasField("result") and not r.result.is_final]
+    first_final = next(i for i, r in enumerate(responses) if r.HasField("result") and r.result.is_final)
+    interims = [(r, t) for r, t in zip(responses, arrivals) if r.HasField("result") and not r.result.is_final]
     assert interims, "no interim results"
     first_interim, at = interims[0]
     assert responses.index(first_interim) < first_final
@@ -90,8 +89,11 @@ def test_interim_results_arrive_before_the_utterance_ends(server, jfk):
         assert r.result.alternatives[0].transcript.startswith(stable)
         by_utterance[r.result.utterance_index] = stable
     events = [r.speech_event.type for r in responses if r.HasField("speech_event")]
-    assert events.count(stt_pb2.SpeechEvent.SPEECH_STARTED) == events.count(
-        stt_pb2.SpeechEvent.SPEECH_ENDED) >= 1
+    assert (
+        events.count(stt_pb2.SpeechEvent.SPEECH_STARTED)
+        == events.count(stt_pb2.SpeechEvent.SPEECH_ENDED)
+        >= 1
+    )
 
 
 def test_four_streams_run_concurrently(server, jfk):
@@ -130,10 +132,15 @@ def test_word_offsets_and_alternatives(server, jfk):
     assert all(0 < f.alternatives[0].confidence <= 1 for f in finals)
 
 
-@pytest.mark.parametrize("rate,channels,encoding", [
-    (8000, 1, stt_pb2.MULAW), (8000, 1, stt_pb2.ALAW), (48000, 2, stt_pb2.LINEAR16),
-    (44100, 1, stt_pb2.LINEAR16),
-])
+@pytest.mark.parametrize(
+    "rate,channels,encoding",
+    [
+        (8000, 1, stt_pb2.MULAW),
+        (8000, 1, stt_pb2.ALAW),
+        (48000, 2, stt_pb2.LINEAR16),
+        (44100, 1, stt_pb2.LINEAR16),
+    ],
+)
 def test_other_rates_encodings_and_channels(server, rate, channels, encoding):
     import subprocess
 
@@ -141,10 +148,26 @@ def test_other_rates_encodings_and_channels(server, rate, channels, encoding):
 
     fmt = {stt_pb2.MULAW: "mulaw", stt_pb2.ALAW: "alaw", stt_pb2.LINEAR16: "s16le"}[encoding]
     wire = subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-i", str(SAMPLE), "-ar", str(rate),
-         "-ac", str(channels), "-f", fmt, "-"], capture_output=True, check=True).stdout
-    config = StreamConfig(encoding=encoding, sample_rate_hertz=rate, audio_channel_count=channels,
-                          interim_results=False)
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-i",
+            str(SAMPLE),
+            "-ar",
+            str(rate),
+            "-ac",
+            str(channels),
+            "-f",
+            fmt,
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+    ).stdout
+    config = StreamConfig(
+        encoding=encoding, sample_rate_hertz=rate, audio_channel_count=channels, interim_results=False
+    )
     chunk = len(wire) // 50 + 1  # deliberately not frame-aligned
 
     def requests():
@@ -159,8 +182,26 @@ def test_other_rates_encodings_and_channels(server, rate, channels, encoding):
     path = Path(tempfile.mkdtemp()) / f"wire.{fmt}"
     path.write_bytes(wire)
     subprocess.run(
-        ["ffmpeg", "-loglevel", "error", "-f", fmt, "-ar", str(rate), "-ac", str(channels),
-         "-i", str(path), "-ar", "16000", "-ac", "1", str(path) + ".wav"], check=True)
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-f",
+            fmt,
+            "-ar",
+            str(rate),
+            "-ac",
+            str(channels),
+            "-i",
+            str(path),
+            "-ar",
+            "16000",
+            "-ac",
+            "1",
+            str(path) + ".wav",
+        ],
+        check=True,
+    )
     with SpeechClient(server.target) as client:
         reference = client.recognize(read_audio_file(str(path) + ".wav"))
     expected = " ".join(r.alternatives[0].transcript for r in reference.results)
@@ -194,9 +235,12 @@ def test_unary_recognize_and_server_info(server, jfk):
 
 
 def test_prompt_is_accepted(server, jfk):
-    responses, _ = stream_clip(server.target, jfk,
-                               StreamConfig(prompt="Kennedy inaugural address", interim_results=False),
-                               realtime=False)
+    responses, _ = stream_clip(
+        server.target,
+        jfk,
+        StreamConfig(prompt="Kennedy inaugural address", interim_results=False),
+        realtime=False,
+    )
     assert wer([JFK_TEXT], [" ".join(final_transcripts(responses))]) < 0.15
 
 

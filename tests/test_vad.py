@@ -13,7 +13,7 @@ def test_streaming_vad_matches_whole_file(jfk):
     audio = jfk[: len(jfk) // 512 * 512]
     whole = np.asarray(get_vad_model()(audio)).reshape(-1)
     vad = StreamingVad()
-    chunked = np.concatenate([vad.process(audio[i:i + 1234]) for i in range(0, len(audio), 1234)])
+    chunked = np.concatenate([vad.process(audio[i : i + 1234]) for i in range(0, len(audio), 1234)])
     assert chunked.shape == whole.shape
     assert np.allclose(chunked, whole, atol=1e-5)
 
@@ -21,7 +21,7 @@ def test_streaming_vad_matches_whole_file(jfk):
 def feed(recognizer: StreamingRecognizer, audio: np.ndarray) -> list:
     events = []
     for start in range(0, len(audio), 1600):
-        events += recognizer.accept(audio[start:start + 1600])
+        events += recognizer.accept(audio[start : start + 1600])
     return events + recognizer.finish()
 
 
@@ -46,8 +46,7 @@ def test_silence_and_noise_make_no_utterances():
 
 
 def test_long_speech_is_split_at_max_length(jfk):
-    options = StreamingOptions(max_utterance_ms=3000, split_search_ms=1500,
-                               silence_duration_ms=3000)
+    options = StreamingOptions(max_utterance_ms=3000, split_search_ms=1500, silence_duration_ms=3000)
     ended = [e for e in feed(StreamingRecognizer(options), jfk) if isinstance(e, UtteranceEnded)]
     assert any(e.reason == "max_length" for e in ended)
     assert all(e.end - e.start <= 3.0 + 0.3 + 0.05 for e in ended)
