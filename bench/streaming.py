@@ -1,0 +1,237 @@
+"""Streaming benchmark: N concurrent real-time gRPC streams against offline faster-whisper.
+
+Long-form audio is the clips of ../shared/audio joined with pauses (looped to
+--minutes when asked). Every stream sends it at real-time pace in 100 ms chunks.
+Ground truth is where each clip starts and ends in the joined audio, independent
+of the server's VAD. Per stream and clip it records the final-result latency
+(arrival of the clip's last final minus the clip's end), the time to first result
+after the clip starts, and the final WER; for the server, CPU seconds per audio
+second and RSS over time. Offline faster-whisper (beam 5, same model, same
+threads) on the same audio, in the same run, is the reference line.
+
+    python bench/streaming.py --streams 1 4 --out bench/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from engine.audio import read_audio_file  # noqa: E402
+from engine.client import SpeechClient, StreamConfig  # noqa: E402
+from engine.model import resolve_model_path  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    transcript: str
+
+
+@dataclass
+class StreamRecord:
+    finals: list[tuple[float, float, float, str]] = field(default_factory=list)  # start, end, at, text
+    first_results: dict[int, float] = field(default_factory=dict)  # utterance -> arrival
+    results: list[tuple[float, float]] = field(default_factory=list)  # start offset, arrival
+    error: str | None = None
+    wall: float = 0.0
+
+
+def long_form(audio_dir: Path, pause: float, minutes: float) -> tuple[np.ndarray, list[Segment]]:
+    with (audio_dir / "manifest.tsv").open() as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    gap = np.zeros(int(pause * 16000), np.float32)
+    parts, segments, cursor = [gap], [], pause
+    while True:
+        for row in rows:
+            clip = read_audio_file(audio_dir / row["file"])
+            segments.append(Segment(cursor, cursor + len(clip) / 16000, row["transcript"]))
+            parts += [clip, gap]
+            cursor += len(clip) / 16000 + pause
+        if cursor >= minutes * 60:
+            break
+    return np.concatenate(parts), segments
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_stream(target: str, audio: np.ndarray, record: StreamRecord) -> None:
+    with SpeechClient(target) as client:
+        started = time.monotonic()
+        try:
+            for response in client.stream_audio(audio, StreamConfig(), realtime=True):
+                at = time.monotonic() - started
+                if not response.HasField("result"):
+                    continue
+                result = response.result
+                start = result.result_start_offset.ToTimedelta().total_seconds()
+                record.results.append((start, at))
+                if result.is_final:
+                    end = result.result_end_offset.ToTimedelta().total_seconds()
+                    record.finals.append((start, end, at, result.alternatives[0].transcript))
+        except Exception as exc:  # recorded, counted as an error
+            record.error = repr(exc)
+        record.wall = time.monotonic() - started
+
+
+def score(records: list[StreamRecord], segments: list[Segment]) -> dict:
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalize = EnglishTextNormalizer()
+    latencies, first_results, references, hypotheses = [], [], [], []
+    for record in records:
+        for seg in segments:
+            mine = [f for f in record.finals if seg.start - 0.5 <= f[0] < seg.end]
+            references.append(normalize(seg.transcript))
+            hypotheses.append(normalize(" ".join(f[3] for f in mine)))
+            if mine:
+                latencies.append(max(f[2] for f in mine) - seg.end)
+            early = [at - seg.start for start, at in record.results if seg.start - 0.5 <= start < seg.end]
+            if early:
+                first_results.append(min(early))
+    return {
+        "wer": jiwer.wer(references, hypotheses),
+        "final_latency_p50": percentile(latencies, 50),
+        "final_latency_p95": percentile(latencies, 95),
+        "first_result_p50": percentile(first_results, 50),
+        "first_result_p95": percentile(first_results, 95),
+        "errors": sum(r.error is not None for r in records),
+        "behind_real_time": sum(r.wall > len_seconds(segments) + 5 for r in records),
+    }
+
+
+def len_seconds(segments: list[Segment]) -> float:
+    return segments[-1].end
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if values else None
+
+
+def offline_reference(audio: np.ndarray, segments: list[Segment], threads: int) -> dict:
+    """Offline faster-whisper, beam 5, on the same audio: CPU per audio second and WER."""
+    import jiwer
+    from faster_whisper import WhisperModel
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalize = EnglishTextNormalizer()
+    model = WhisperModel(resolve_model_path("tiny.en"), compute_type="int8", cpu_threads=threads)
+    started = time.process_time()
+    text = " ".join(s.text for s in model.transcribe(audio, beam_size=5)[0])
+    cpu = time.process_time() - started
+    reference = normalize(" ".join(s.transcript for s in segments))
+    return {"cpu_per_audio_second": cpu / (len(audio) / 16000), "wer": jiwer.wer(reference, normalize(text))}
+
+
+def bench_server(audio, segments, streams: int, args) -> dict:
+    port = 50200 + streams
+    target = f"127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "engine", "serve", "--address", target, "--workers", str(args.workers),
+         "--threads", str(args.threads), "--max-streams", str(max(streams, 32)), "--log-level", "WARNING"],
+        cwd=REPO,
+    )
+    try:
+        with SpeechClient(target) as client:
+            client.wait_until_serving(120)
+        rss = [(0.0, rss_mb(server.pid))]
+        cpu_before = cpu_seconds(server.pid)
+        records = [StreamRecord() for _ in range(streams)]
+        threads = [threading.Thread(target=run_stream, args=(target, audio, r)) for r in records]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        while any(t.is_alive() for t in threads):
+            time.sleep(1.0)
+            rss.append((time.monotonic() - started, rss_mb(server.pid)))
+        cpu = cpu_seconds(server.pid) - cpu_before
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    result = score(records, segments)
+    audio_seconds = streams * len(audio) / 16000
+    result.update(streams=streams, cpu_per_audio_second=cpu / audio_seconds,
+                  rss_start_mb=rss[0][1], rss_end_mb=rss[-1][1], rss_max_mb=max(r for _, r in rss))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--minutes", type=float, default=0.0, help="loop the clips to this length")
+    parser.add_argument("--pause", type=float, default=1.5)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+
+    audio, segments = long_form(args.audio_dir, args.pause, args.minutes)
+    print(f"long-form audio: {len(audio) / 16000:.1f} s, {len(segments)} clips", flush=True)
+    offline = offline_reference(audio, segments, args.workers * args.threads)
+    print(f"offline faster-whisper beam 5: {json.dumps(offline)}", flush=True)
+    rows = []
+    for streams in args.streams:
+        row = bench_server(audio, segments, streams, args)
+        row["cpu_ratio_vs_offline"] = row["cpu_per_audio_second"] / offline["cpu_per_audio_second"]
+        row["wer_delta_points"] = 100 * (row["wer"] - offline["wer"])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "streaming.json").write_text(json.dumps({"offline": offline, "runs": rows}, indent=2))
+    print(markdown(offline, rows))
+
+
+def fmt(value, digits=2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def markdown(offline: dict, rows: list[dict]) -> str:
+    lines = [
+        f"Offline faster-whisper beam 5: {offline['cpu_per_audio_second']:.3f} CPU-s per audio-s, "
+        f"WER {100 * offline['wer']:.2f}%",
+        "",
+        "| streams | final latency p50 / p95 (s) | first result p50 (s) | CPU-s per audio-s | "
+        "vs offline | WER % | WER delta (points) | errors | RSS start / max (MB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['streams']} | {fmt(r['final_latency_p50'])} / {fmt(r['final_latency_p95'])} | "
+            f"{fmt(r['first_result_p50'])} | {r['cpu_per_audio_second']:.3f} | "
+            f"{r['cpu_ratio_vs_offline']:.2f}x | {100 * r['wer']:.2f} | {r['wer_delta_points']:+.2f} | "
+            f"{r['errors']} | {r['rss_start_mb']:.0f} / {r['rss_max_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
