@@ -18,7 +18,6 @@ import argparse
 import csv
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -155,8 +154,22 @@ def bench_server(audio, segments, streams: int, args) -> dict:
     port = 50200 + streams
     target = f"127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--address", target, "--workers", str(args.workers),
-         "--threads", str(args.threads), "--max-streams", str(max(streams, 32)), "--log-level", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "serve",
+            "--address",
+            target,
+            "--workers",
+            str(args.workers),
+            "--threads",
+            str(args.threads),
+            "--max-streams",
+            str(max(streams, 32)),
+            "--log-level",
+            "WARNING",
+        ],
         cwd=REPO,
     )
     try:
@@ -178,8 +191,13 @@ def bench_server(audio, segments, streams: int, args) -> dict:
         server.wait(timeout=60)
     result = score(records, segments)
     audio_seconds = streams * len(audio) / 16000
-    result.update(streams=streams, cpu_per_audio_second=cpu / audio_seconds,
-                  rss_start_mb=rss[0][1], rss_end_mb=rss[-1][1], rss_max_mb=max(r for _, r in rss))
+    result.update(
+        streams=streams,
+        cpu_per_audio_second=cpu / audio_seconds,
+        rss_start_mb=rss[0][1],
+        rss_end_mb=rss[-1][1],
+        rss_max_mb=max(r for _, r in rss),
+    )
     return result
 
 
