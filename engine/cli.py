@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
+import os
 import sys
 import threading
 import time
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import grpc
 from google.protobuf import json_format
+
+from otel import Telemetry, TelemetryOptions, configure_logging
 
 from . import __version__
 from .api import stt_pb2
@@ -87,23 +89,48 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--interim-interval-ms", type=int, default=int(e("interim_interval_ms", "700")))
     parser.add_argument("--log-level", default=e("log_level", "INFO"))
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=e("log_format", "text"),
+        help="console log format (env STT_LOG_FORMAT)",
     )
-    logging.getLogger("faster_whisper").setLevel(logging.WARNING)
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve Prometheus metrics on this port (env STT_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--telemetry-console",
+        action="store_true",
+        help="print spans, metrics and logs to the console instead of OTLP",
+    )
+    parser.add_argument(
+        "--trace-chunks",
+        choices=("all", "speech", "none"),
+        default=None,
+        help="which audio chunks get a span (env STT_TRACE_CHUNKS, default all)",
+    )
+
+
+def _telemetry(args: argparse.Namespace, enabled: bool | None = None) -> Telemetry:
+    """Telemetry from the OTEL_* environment and the flags; logging set up to match."""
+    overrides = {"metrics_port": args.metrics_port, "chunk_spans": args.trace_chunks, "enabled": enabled}
+    if args.telemetry_console:
+        overrides.update(traces_exporter="console", metrics_exporter="console", logs_exporter="console")
+    options = TelemetryOptions.from_env(**overrides)
+    telemetry = Telemetry(options, __version__)
+    configure_logging(args.log_level, args.log_format, telemetry.logger_provider)
+    return telemetry
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    _setup_logging(args.log_level)
+    telemetry = _telemetry(args)
     server, model = _server_options(args)
-    asyncio.run(serve(server, model))
+    asyncio.run(serve(server, model, telemetry))
     return 0
 
 
@@ -186,6 +213,9 @@ def transcribe_file(path: str, server: str, args: argparse.Namespace) -> int:
     with SpeechClient(server) as client:
         call = client.stream_audio(audio, config, chunk_ms=args.chunk_ms, realtime=not args.fast)
         try:
+            trace_id = dict(call.initial_metadata()).get("x-trace-id")
+            if trace_id:
+                print(f"trace id: {trace_id}", file=sys.stderr, flush=True)
             for response in call:
                 printer.response(response)
         except grpc.RpcError as error:
@@ -219,10 +249,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Starts a server in this process, streams the bundled sample through gRPC."""
     from .server import SttServer
 
-    _setup_logging(args.log_level)
+    # The demo exports telemetry only where a collector is configured.
+    telemetry = _telemetry(args, enabled=True if "OTEL_EXPORTER_OTLP_ENDPOINT" in os.environ else False)
     server_options, model_options = _server_options(args)
     loop = asyncio.new_event_loop()
-    server = SttServer(server_options, model_options)
+    server = SttServer(server_options, model_options, telemetry)
     ready = threading.Event()
     failure: list[BaseException] = []
 
@@ -250,6 +281,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"done in {time.monotonic() - started:.1f} s", flush=True)
     asyncio.run_coroutine_threadsafe(server.drain_and_stop(), loop).result(timeout=60)
     thread.join(timeout=10)
+    telemetry.shutdown()
     return code
 
 

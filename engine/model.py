@@ -231,6 +231,15 @@ class SpeechModel:
         words: list[Word] = []
         if is_speech and request.final and request.word_timestamps:
             words = self._align_words(tokenizer, result.sequences_ids[0], encoder_output, content_frames)
+        logger.debug(
+            "%s decode: %.2f s audio, %d encoder frames, %d tokens, %.3f s",
+            "final" if request.final else "interim",
+            audio_seconds,
+            features.shape[-1],
+            len(result.sequences_ids[0]),
+            time.perf_counter() - started,
+            extra={"stt.decode.kind": "final" if request.final else "interim"},
+        )
         hypothesis = Hypothesis(
             text=text if is_speech else "",
             alternatives=[tokenizer.decode(ids).strip() for ids in result.sequences_ids[1:]],

@@ -13,6 +13,7 @@ import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,6 +21,36 @@ from .model import DecodeRequest, Hypothesis, SpeechModel
 
 FINAL_PRIORITY = 0
 INTERIM_PRIORITY = 1
+
+
+class DecodeObserver(Protocol):
+    """What the scheduler reports about one decode (otel.DecodeTelemetry implements it)."""
+
+    def queued(self) -> None: ...
+    def dequeued(self, waited: float) -> None: ...
+    def run(self, function: Any, *args: Any) -> Any: ...
+    def finished(self, hypothesis: Hypothesis) -> None: ...
+    def failed(self, error: BaseException) -> None: ...
+
+
+class _Unobserved:
+    def queued(self) -> None:
+        pass
+
+    def dequeued(self, waited: float) -> None:
+        pass
+
+    def run(self, function, *args):
+        return function(*args)
+
+    def finished(self, hypothesis) -> None:
+        pass
+
+    def failed(self, error) -> None:
+        pass
+
+
+UNOBSERVED = _Unobserved()
 
 
 @dataclass
@@ -54,28 +85,39 @@ class InferenceScheduler:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    async def decode(self, audio: np.ndarray, request: DecodeRequest) -> DecodeOutcome:
+    async def decode(
+        self, audio: np.ndarray, request: DecodeRequest, observer: DecodeObserver | None = None
+    ) -> DecodeOutcome:
         """Queues a decode and waits for it; cancelling the caller drops a queued job."""
         assert self._queue is not None, "scheduler not started"
+        observer = observer or UNOBSERVED
         future = asyncio.get_running_loop().create_future()
         priority = FINAL_PRIORITY if request.final else INTERIM_PRIORITY
-        self._queue.put_nowait((priority, next(self._order), time.perf_counter(), future, audio, request))
+        observer.queued()
+        job = (priority, next(self._order), time.perf_counter(), future, audio, request, observer)
+        self._queue.put_nowait(job)
         return await future
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            _, _, queued_at, future, audio, request = await self._queue.get()
+            _, _, queued_at, future, audio, request, observer = await self._queue.get()
             if future.done():  # the stream gave up on it (cancelled or closed)
+                observer.failed(asyncio.CancelledError())
                 continue
             waited = time.perf_counter() - queued_at
+            observer.dequeued(waited)
             self.busy_workers += 1
             try:
-                hypothesis = await loop.run_in_executor(self._executor, self.model.decode, audio, request)
+                hypothesis = await loop.run_in_executor(
+                    self._executor, observer.run, self.model.decode, audio, request
+                )
             except Exception as exc:  # surfaced to the stream that asked
+                observer.failed(exc)
                 if not future.done():
                     future.set_exception(exc)
             else:
+                observer.finished(hypothesis)
                 if not future.done():
                     future.set_result(DecodeOutcome(hypothesis, waited))
             finally:

@@ -16,6 +16,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from otel import Telemetry, TelemetryOptions
+
+from . import __version__
 from .api import stt_pb2_grpc
 from .model import SpeechModel
 from .options import ModelOptions, ServerOptions
@@ -32,10 +35,14 @@ MESSAGE_OVERHEAD = 64 << 10
 class SttServer:
     """An asyncio gRPC server hosting the Speech, health and reflection services."""
 
-    def __init__(self, options: ServerOptions, model_options: ModelOptions) -> None:
+    def __init__(
+        self, options: ServerOptions, model_options: ModelOptions, telemetry: Telemetry | None = None
+    ) -> None:
         self.options = options
         self.model_options = model_options
-        self.service = SpeechService(options)
+        self.telemetry = telemetry or Telemetry(TelemetryOptions(enabled=False), __version__)
+        self.service = SpeechService(options, self.telemetry)
+        self.model: SpeechModel | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -83,6 +90,8 @@ class SttServer:
             return model
 
         model = await asyncio.to_thread(load_and_warm)
+        self.model = model
+        self.telemetry.model_loaded(model.name, time.perf_counter() - started)
         self._scheduler = InferenceScheduler(model, self.model_options.workers)
         self._scheduler.start()
         self.service.attach(model, self._scheduler)
@@ -122,6 +131,8 @@ class SttServer:
             await self._server.stop(grace=1.0)
         if self._scheduler is not None:
             await self._scheduler.stop()
+        if self.model is not None:
+            self.telemetry.model_unloaded(self.model.name)
         logger.info("stopped")
         self._stopped.set()
 
@@ -129,9 +140,10 @@ class SttServer:
         await self._stopped.wait()
 
 
-async def serve(options: ServerOptions, model_options: ModelOptions) -> None:
-    """Runs a server until SIGTERM or SIGINT, then drains and exits."""
-    server = SttServer(options, model_options)
+async def serve(options: ServerOptions, model_options: ModelOptions, telemetry: Telemetry) -> None:
+    """Runs a server until SIGTERM or SIGINT, then drains, flushes telemetry and exits."""
+    server = SttServer(options, model_options, telemetry)
+    logger.info(telemetry.describe())
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -143,3 +155,5 @@ async def serve(options: ServerOptions, model_options: ModelOptions) -> None:
         await server.drain_and_stop()
         raise
     await server.wait_stopped()
+    # Everything recorded before SIGTERM, the drained streams included, leaves now.
+    await asyncio.to_thread(telemetry.shutdown)

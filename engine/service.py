@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
 import grpc
+
+from otel import CallTelemetry, Telemetry
 
 from . import __version__
 from .api import stt_pb2, stt_pb2_grpc
@@ -20,11 +23,23 @@ from .settings import recognition_settings
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = stt_pb2.DESCRIPTOR.services_by_name["Speech"].full_name
+STREAMING_METHOD = f"{SERVICE_NAME}/StreamingRecognize"
+RECOGNIZE_METHOD = f"{SERVICE_NAME}/Recognize"
+INFO_METHOD = f"{SERVICE_NAME}/GetServerInfo"
 
 
-async def abort_with(context: grpc.aio.ServicerContext, error: SttError) -> None:
-    """Ends the call with the error's status and google.rpc details."""
-    logger.warning("stream failed: %s (%s, %s)", error.message, error.code.name, error.reason)
+async def abort_with(context: grpc.aio.ServicerContext, call: CallTelemetry, error: SttError) -> None:
+    """Logs the error once (in the call's trace), records it, ends the call with its status."""
+    call.context.copy().run(
+        logger.warning,
+        "%s failed: %s (%s, %s)",
+        call.method,
+        error.message,
+        error.code.name,
+        error.reason,
+        extra={"stt.error.reason": error.reason, "rpc.response.status_code": error.code.name},
+    )
+    call.finished(error.code.name, error.reason, error.message)
     status = error.to_status()
     await context.abort(status.code, status.details, status.trailing_metadata)
 
@@ -32,8 +47,9 @@ async def abort_with(context: grpc.aio.ServicerContext, error: SttError) -> None
 class SpeechService(stt_pb2_grpc.SpeechServicer):
     """Admits streams within the limits and hands each one to a StreamSession."""
 
-    def __init__(self, options: ServerOptions) -> None:
+    def __init__(self, options: ServerOptions, telemetry: Telemetry) -> None:
         self.options = options
+        self.telemetry = telemetry
         self.model: SpeechModel | None = None
         self.scheduler: InferenceScheduler | None = None
         self.sessions: set[StreamSession] = set()
@@ -66,6 +82,12 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         request_iterator: AsyncIterator[stt_pb2.StreamingRecognizeRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[stt_pb2.StreamingRecognizeResponse]:
+        call = self.telemetry.stream(STREAMING_METHOD, context.invocation_metadata(), context.peer())
+        if call.trace_id:
+            # The client (and the CLI) can paste this into Jaeger.
+            await context.send_initial_metadata(
+                (("x-trace-id", call.trace_id), ("traceparent", call.traceparent))
+            )
         try:
             self._admit()
             if len(self.sessions) >= self.options.max_concurrent_streams:
@@ -76,20 +98,30 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
                     "concurrent streams; retry later or on another instance",
                 )
         except SttError as error:
-            await abort_with(context, error)
-        session = StreamSession(self.model, self.scheduler, self.options)
+            await abort_with(context, call, error)
+        session = StreamSession(self.model, self.scheduler, self.options, call)
         self.sessions.add(session)
         try:
             async for response in session.run(request_iterator):
                 yield response
+            call.finished("OK")
         except SttError as error:
-            await abort_with(context, error)
+            await abort_with(context, call, error)
+        except asyncio.CancelledError:
+            call.finished("CANCELLED", "STT_CLIENT_CANCELLED", "the client cancelled or disconnected")
+            raise
+        except Exception as exc:
+            if not isinstance(exc, grpc.aio.AbortError):
+                call.context.copy().run(logger.exception, "stream failed")
+                call.finished("INTERNAL", "STT_INTERNAL", type(exc).__name__)
+            raise
         finally:
             self.sessions.discard(session)
 
     async def Recognize(
         self, request: stt_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
     ) -> stt_pb2.RecognizeResponse:
+        call = self.telemetry.call(RECOGNIZE_METHOD, context.invocation_metadata(), context.peer())
         try:
             self._admit()
             if len(request.audio_content) > self.options.max_recognize_bytes:
@@ -102,13 +134,16 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
             if not request.HasField("config"):
                 raise invalid_argument("STT_CONFIG_MISSING", "config is required", "config")
             settings = recognition_settings(request.config, self.model, self.options.default_streaming)
-            return await recognize(request.audio_content, settings, self.model, self.scheduler)
+            response = await recognize(request.audio_content, settings, self.model, self.scheduler, call)
+            call.finished("OK")
+            return response
         except SttError as error:
-            await abort_with(context, error)
+            await abort_with(context, call, error)
 
     async def GetServerInfo(
         self, request: stt_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> stt_pb2.ServerInfo:
+        call = self.telemetry.call(INFO_METHOD, context.invocation_metadata(), context.peer())
         info = stt_pb2.ServerInfo(
             version=__version__,
             encodings=list(SUPPORTED_ENCODINGS),
@@ -128,4 +163,5 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
             info.device = self.model.device
             info.compute_type = self.model.options.compute_type
             info.languages.extend(self.model.languages)
+        call.finished("OK")
         return info

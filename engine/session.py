@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -32,6 +33,9 @@ from .recognizer import (
 )
 from .scheduler import InferenceScheduler
 from .settings import RecognitionSettings, recognition_settings
+
+if TYPE_CHECKING:
+    from otel import CallTelemetry, StreamTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +84,12 @@ class StreamSession:
         model: SpeechModel,
         scheduler: InferenceScheduler,
         options: ServerOptions,
+        telemetry: StreamTelemetry,
     ) -> None:
         self.model = model
         self.scheduler = scheduler
         self.options = options
+        self.telemetry = telemetry
         self.settings: RecognitionSettings | None = None
         self._out: asyncio.Queue = asyncio.Queue()
         self._reader: asyncio.Task | None = None
@@ -118,7 +124,18 @@ class StreamSession:
                 self.settings.encoding, self.settings.sample_rate, self.settings.channels
             )
             self._recognizer = StreamingRecognizer(self.settings.streaming)
-            self._reader = asyncio.create_task(self._read(requests))
+            self.telemetry.configured(
+                {
+                    "encoding": stt_pb2.AudioEncoding.Name(self.settings.encoding),
+                    "sample_rate": self.settings.sample_rate,
+                    "channels": self.settings.channels,
+                    "language": self.settings.language or "auto",
+                    "interim_results": self.settings.streaming.interim_results,
+                    "single_utterance": self.settings.streaming.single_utterance,
+                }
+            )
+            # The stream's tasks run with the RPC span current, so their logs carry its ids.
+            self._reader = asyncio.create_task(self._read(requests), context=self.telemetry.context.copy())
             while True:
                 item = await self._out.get()
                 if item is _END:
@@ -143,6 +160,14 @@ class StreamSession:
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         error: SttError | None = None
+        logger.info(
+            "stream started: %s %d Hz x%d, language %s, interim %s",
+            stt_pb2.AudioEncoding.Name(self.settings.encoding),
+            self.settings.sample_rate,
+            self.settings.channels,
+            self.settings.language or "auto",
+            self.settings.streaming.interim_results,
+        )
         try:
             async for request in requests:
                 if request.HasField("streaming_config"):
@@ -175,10 +200,17 @@ class StreamSession:
             await self._deliver_finals()
         except SttError as exc:
             error = error or exc
+        logger.info(
+            "stream ended: %.1f s audio in %d chunks, %d utterances",
+            self._received_seconds,
+            self.chunks,
+            self._recognizer.utterance_index,
+        )
         self._out.put_nowait(error or _END)
 
     def _accept(self, data: bytes) -> bool:
         """Feeds one chunk; returns False once the stream should stop reading."""
+        started_ns = time.time_ns()
         limits = self.options
         if len(data) > limits.max_chunk_bytes:
             raise out_of_range(
@@ -195,9 +227,14 @@ class StreamSession:
             frame = self._decoder.bytes_per_sample * self._decoder.channels
             data = data[: int(allowed * self._decoder.sample_rate) * frame]
             seconds = self._decoder.seconds(len(data))
+        offset = self._received_seconds
         self._received_bytes += len(data)
         self._received_seconds += seconds
-        if not self._handle(self._recognizer.accept(self._decoder.decode(data))):
+        keep_reading = self._handle(self._recognizer.accept(self._decoder.decode(data)))
+        self.telemetry.chunk(
+            self.chunks - 1, len(data), seconds, offset, started_ns, self._recognizer.in_speech
+        )
+        if not keep_reading:
             return False
         if too_long:
             raise out_of_range(
@@ -212,10 +249,14 @@ class StreamSession:
         """Acts on recognizer events; returns False when a single utterance is done."""
         for event in events:
             if isinstance(event, SpeechStarted):
+                self.telemetry.utterance_started(event.utterance_index, event.offset)
                 self._event(stt_pb2.SpeechEvent.SPEECH_STARTED, event.offset, event.utterance_index)
             elif isinstance(event, InterimDue):
                 self._start_interim(event)
             elif isinstance(event, UtteranceEnded):
+                self.telemetry.utterance_ended(
+                    event.utterance_index, event.start, event.end, event.speech_end, event.reason
+                )
                 self._event(stt_pb2.SpeechEvent.SPEECH_ENDED, event.speech_end, event.utterance_index)
                 self._start_final(event)
                 if self.settings.streaming.single_utterance:
@@ -255,8 +296,9 @@ class StreamSession:
 
     async def _run_interim(self, event: InterimDue) -> None:
         request = self._request(final=False, prefix=self._agreement.stable_text)
+        observer = self.telemetry.decode("interim", event.utterance_index, event.start, event.end)
         try:
-            outcome = await self.scheduler.decode(event.audio, request)
+            outcome = await self.scheduler.decode(event.audio, request, observer)
         except Exception:
             logger.exception("interim decode failed")  # the final still covers this audio
             return
@@ -283,13 +325,17 @@ class StreamSession:
                 )
             )
         )
+        self.telemetry.interim_sent(event.utterance_index)
 
     def _start_final(self, event: UtteranceEnded) -> None:
         if self._interim is not None and not self._interim.done():
             self._interim.cancel()
         self._agreement = LocalAgreement()
         previous = self._finals[-1] if self._finals else None
-        decode = asyncio.ensure_future(self.scheduler.decode(event.audio, self._request(final=True)))
+        observer = self.telemetry.decode("final", event.utterance_index, event.start, event.end)
+        decode = asyncio.ensure_future(
+            self.scheduler.decode(event.audio, self._request(final=True), observer)
+        )
         self._finals.append(asyncio.create_task(self._run_final(event, decode, previous)))
 
     async def _run_final(
@@ -306,6 +352,9 @@ class StreamSession:
                     result=final_result(outcome.hypothesis, event, self.settings)
                 )
             )
+            self.telemetry.final_sent(event.utterance_index, event.speech_end)
+        else:
+            self.telemetry.utterance_done(event.utterance_index)
 
     async def _deliver_finals(self) -> None:
         if self._finals:
@@ -325,6 +374,7 @@ async def recognize(
     settings: RecognitionSettings,
     model: SpeechModel,
     scheduler: InferenceScheduler,
+    telemetry: CallTelemetry,
 ) -> stt_pb2.RecognizeResponse:
     """Unary recognition: segment the whole buffer, decode every utterance."""
     decoder = AudioDecoder(settings.encoding, settings.sample_rate, settings.channels)
@@ -338,7 +388,12 @@ async def recognize(
         word_timestamps=settings.word_time_offsets,
         alternatives=settings.alternatives,
     )
-    outcomes = await asyncio.gather(*(scheduler.decode(e.audio, request) for e in events))
+    outcomes = await asyncio.gather(
+        *(
+            scheduler.decode(e.audio, request, telemetry.decode("final", e.utterance_index, e.start, e.end))
+            for e in events
+        )
+    )
     response = stt_pb2.RecognizeResponse(total_billed_time=duration(decoder.seconds(len(audio_content))))
     for event, outcome in zip(events, outcomes):
         if outcome.hypothesis.is_speech:
