@@ -94,3 +94,58 @@ class OtlpReceiver(
             if time.monotonic() > deadline:
                 raise TimeoutError("the receiver never got what the test waited for")
             time.sleep(0.1)
+
+
+class OtlpHttpReceiver(OtlpReceiver):
+    """The same store behind OTLP/HTTP (protobuf bodies on /v1/traces, /v1/metrics, /v1/logs)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.traces, self.metrics, self.logs = [], [], []
+        self._lock = threading.Lock()
+        receiver = self
+        kinds = {
+            "/v1/traces": (
+                trace_service_pb2.ExportTraceServiceRequest,
+                trace_service_pb2.ExportTraceServiceResponse,
+            ),
+            "/v1/metrics": (
+                metrics_service_pb2.ExportMetricsServiceRequest,
+                metrics_service_pb2.ExportMetricsServiceResponse,
+            ),
+            "/v1/logs": (
+                logs_service_pb2.ExportLogsServiceRequest,
+                logs_service_pb2.ExportLogsServiceResponse,
+            ),
+        }
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                request_type, response_type = kinds[self.path]
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    import gzip
+
+                    body = gzip.decompress(body)
+                receiver.Export(request_type.FromString(body), None)
+                payload = response_type().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):
+                pass
+
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._http.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> OtlpHttpReceiver:
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._http.shutdown()

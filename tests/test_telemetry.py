@@ -327,3 +327,47 @@ def test_real_prometheus_scrapes_the_metrics_endpoint(tmp_path: Path, jfk):
         prometheus.terminate()
         prometheus.wait(timeout=30)
         server.stop()
+
+
+def test_http_protobuf_export_and_chunk_span_cap(jfk):
+    from tests.otlp_receiver import OtlpHttpReceiver
+
+    receiver = OtlpHttpReceiver().start()
+    server = ServerProcess(
+        env={
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "STT_TRACE_MAX_CHUNK_SPANS": "20",
+        }
+    )
+    try:
+        server.wait_ready()
+        with server.client() as client:
+            call = client.stream_audio(jfk, StreamConfig(), realtime=False)
+            assert final_transcripts(call)
+            trace_id = dict(call.initial_metadata())["x-trace-id"]
+    finally:
+        server.stop()  # SIGTERM: the last spans and logs are flushed on the way out
+        receiver.stop()
+    spans = [s for s in receiver.spans() if s.trace_id.hex() == trace_id]
+    assert len([s for s in spans if s.name == "stt.chunk"]) == 20
+    stream = next(s for s in spans if s.name == "stt.v1.Speech/StreamingRecognize")
+    assert attributes(stream)["stt.chunks"] == 110
+    assert attributes(stream)["stt.chunks.without_span"] == 90
+    assert any(r.trace_id.hex() == trace_id for r in receiver.log_records())
+    assert receiver.metric_points().get("stt.audio.received")  # flushed at shutdown
+
+
+def test_console_exporter_for_local_debugging(jfk):
+    server = ServerProcess("--telemetry-console", env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
+    try:
+        server.wait_ready()
+        with server.client() as client:
+            assert final_transcripts(client.stream_audio(jfk[:48000], StreamConfig(), realtime=False))
+    finally:
+        server.stop()
+    log = server.log()
+    assert "telemetry: traces=console" in log
+    assert '"name": "stt.v1.Speech/StreamingRecognize"' in log
+    assert '"name": "stt.decode.final"' in log
