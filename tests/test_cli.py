@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,7 @@ def test_transcribe_jsonl(server):
 def test_transcribe_text_fast(server):
     result = stt_engine("transcribe", str(SAMPLE), "--server", server.target, "--fast")
     assert result.returncode == 0, result.stderr
+    assert re.search(r"trace id: [0-9a-f]{32}", result.stderr), result.stderr  # paste into Jaeger
     finals = [line.split("] ", 1)[1] for line in result.stdout.splitlines() if line.startswith("[")]
     assert wer([JFK_TEXT], [" ".join(finals)]) < 0.1
 

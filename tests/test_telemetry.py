@@ -371,3 +371,23 @@ def test_console_exporter_for_local_debugging(jfk):
     assert "telemetry: traces=console" in log
     assert '"name": "stt.v1.Speech/StreamingRecognize"' in log
     assert '"name": "stt.decode.final"' in log
+
+
+def test_json_console_logs_carry_trace_ids(jfk):
+    server = ServerProcess(
+        "--log-format",
+        "json",
+        env={"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"},
+    )
+    try:
+        server.wait_ready()
+        with server.client() as client:
+            call = client.stream_audio(jfk[:48000], StreamConfig(), realtime=False)
+            assert final_transcripts(call)
+            trace_id = dict(call.initial_metadata())["x-trace-id"]
+    finally:
+        server.stop()
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
+    stream_entries = [e for e in entries if e["message"].startswith("stream ")]
+    assert len(stream_entries) == 2 and all(e["trace_id"] == trace_id for e in stream_entries)
