@@ -106,7 +106,10 @@ def score(records: list[StreamRecord], segments: list[Segment]) -> dict:
 
     normalize = EnglishTextNormalizer()
     latencies, first_results, references, hypotheses = [], [], [], []
+    refused = [r for r in records if r.error and "RESOURCE_EXHAUSTED" in r.error]
     for record in records:
+        if record in refused:
+            continue
         for seg in segments:
             mine = [f for f in record.finals if seg.start - 0.5 <= f[0] < seg.end]
             references.append(normalize(seg.transcript))
@@ -122,8 +125,10 @@ def score(records: list[StreamRecord], segments: list[Segment]) -> dict:
         "final_latency_p95": percentile(latencies, 95),
         "first_result_p50": percentile(first_results, 50),
         "first_result_p95": percentile(first_results, 95),
-        "errors": sum(r.error is not None for r in records),
-        "behind_real_time": sum(r.wall > len_seconds(segments) + 5 for r in records),
+        "errors": sum(r.error is not None for r in records) - len(refused),
+        "refused": len(refused),
+        "refused_within_s": max((r.wall for r in refused), default=None),
+        "behind_real_time": sum(r.wall > len_seconds(segments) + 5 for r in records if r not in refused),
     }
 
 
@@ -153,6 +158,9 @@ def offline_reference(audio: np.ndarray, segments: list[Segment], threads: int) 
 def bench_server(audio, segments, streams: int, args) -> dict:
     port = 50200 + streams
     target = f"127.0.0.1:{port}"
+    env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
+    if args.telemetry:  # export everything to a real OTLP receiver in this process
+        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": args.receiver.endpoint}
     server = subprocess.Popen(
         [
             sys.executable,
@@ -166,11 +174,12 @@ def bench_server(audio, segments, streams: int, args) -> dict:
             "--threads",
             str(args.threads),
             "--max-streams",
-            str(max(streams, 32)),
+            str(args.max_streams or max(streams, 32)),
             "--log-level",
             "WARNING",
         ],
         cwd=REPO,
+        env=env,
     )
     try:
         with SpeechClient(target) as client:
@@ -210,7 +219,23 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument(
+        "--telemetry",
+        action="store_true",
+        help="server exports OTLP to a receiver here (default: OTEL_SDK_DISABLED)",
+    )
+    parser.add_argument("--plot", action="store_true", help="write latency_vs_streams.png")
+    parser.add_argument(
+        "--max-streams",
+        type=int,
+        default=None,
+        help="server admission limit (overload: the rest are refused)",
+    )
     args = parser.parse_args()
+    if args.telemetry:
+        from tests.otlp_receiver import OtlpReceiver
+
+        args.receiver = OtlpReceiver().start()
 
     audio, segments = long_form(args.audio_dir, args.pause, args.minutes)
     print(f"long-form audio: {len(audio) / 16000:.1f} s, {len(segments)} clips", flush=True)
@@ -224,8 +249,43 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "streaming.json").write_text(json.dumps({"offline": offline, "runs": rows}, indent=2))
+    capacity = max(
+        (
+            r["streams"]
+            for r in rows
+            if r["errors"] == 0 and r["behind_real_time"] == 0 and (r["final_latency_p95"] or 99) <= 1.5
+        ),
+        default=0,
+    )
+    (args.out / "streaming.json").write_text(
+        json.dumps({"offline": offline, "runs": rows, "capacity": capacity}, indent=2)
+    )
     print(markdown(offline, rows))
+    print(f"\ncapacity: {capacity} concurrent real-time streams with p95 final latency <= 1.5 s")
+    if args.plot:
+        plot(rows, args.out / "latency_vs_streams.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    streams = [r["streams"] for r in rows]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(streams, [r["final_latency_p50"] for r in rows], "o-", label="final latency p50")
+    axis.plot(streams, [r["final_latency_p95"] for r in rows], "s-", label="final latency p95")
+    axis.plot(streams, [r["first_result_p50"] for r in rows], "^-", label="first result p50")
+    axis.axhline(1.5, color="grey", linestyle="--", label="p95 target 1.5 s")
+    axis.set_xlabel("concurrent real-time streams")
+    axis.set_ylabel("seconds")
+    axis.set_title("stt-engine on 2 CPU cores, tiny.en int8")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 def fmt(value, digits=2) -> str:
@@ -238,7 +298,7 @@ def markdown(offline: dict, rows: list[dict]) -> str:
         f"WER {100 * offline['wer']:.2f}%",
         "",
         "| streams | final latency p50 / p95 (s) | first result p50 (s) | CPU-s per audio-s | "
-        "vs offline | WER % | WER delta (points) | errors | RSS start / max (MB) |",
+        "vs offline | WER % | WER delta (points) | errors / refused | RSS start / max (MB) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -246,7 +306,7 @@ def markdown(offline: dict, rows: list[dict]) -> str:
             f"| {r['streams']} | {fmt(r['final_latency_p50'])} / {fmt(r['final_latency_p95'])} | "
             f"{fmt(r['first_result_p50'])} | {r['cpu_per_audio_second']:.3f} | "
             f"{r['cpu_ratio_vs_offline']:.2f}x | {100 * r['wer']:.2f} | {r['wer_delta_points']:+.2f} | "
-            f"{r['errors']} | {r['rss_start_mb']:.0f} / {r['rss_max_mb']:.0f} |"
+            f"{r['errors']} / {r.get('refused', 0)} | {r['rss_start_mb']:.0f} / {r['rss_max_mb']:.0f} |"
         )
     return "\n".join(lines)
 

@@ -87,7 +87,7 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--silence-ms", type=int, default=int(e("silence_ms", "700")), help="default endpoint silence"
     )
-    parser.add_argument("--interim-interval-ms", type=int, default=int(e("interim_interval_ms", "700")))
+    parser.add_argument("--interim-interval-ms", type=int, default=int(e("interim_interval_ms", "1000")))
     parser.add_argument("--log-level", default=e("log_level", "INFO"))
     parser.add_argument(
         "--log-format",

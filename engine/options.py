@@ -47,6 +47,11 @@ class DecodeOptions:
         min_encoder_frames: shortest encoder input in mel frames (10 ms each). Whisper
             loops on very short inputs; padding short utterances to this many frames
             keeps it accurate while still far below the 3000-frame (30 s) window.
+        interim_min_encoder_frames: the same floor for interim decodes, whose text is
+            provisional: a shorter input costs less, and the token cap bounds any loop.
+        encoder_frames_bucket: encoder input lengths are rounded up to a multiple of this
+            (even) number of frames. Fewer distinct shapes keep CTranslate2's and the C
+            allocator's caches from growing with every new utterance length.
         tail_padding_frames: padding frames always appended after the audio so the
             decoder sees where speech ends.
         max_tokens_per_second: cap on generated tokens per second of audio, a guard
@@ -56,17 +61,23 @@ class DecodeOptions:
         log_prob_threshold: see ``no_speech_threshold``; also triggers temperature fallback.
         compression_ratio_threshold: gzip compression ratio above which text is treated
             as a repetition loop (triggers temperature fallback).
+        max_interim_wait: an interim that waited longer than this (seconds) for an inference
+            worker is dropped unrun: the server is behind, and a newer interim or the final
+            will cover its audio. Finals are never dropped.
     """
 
     final_beam_size: int = 5
     interim_beam_size: int = 1
     temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     min_encoder_frames: int = 1000
+    interim_min_encoder_frames: int = 600
     tail_padding_frames: int = 100
+    encoder_frames_bucket: int = 50
     max_tokens_per_second: float = 8.0
     no_speech_threshold: float = 0.6
     log_prob_threshold: float = -1.0
     compression_ratio_threshold: float = 2.4
+    max_interim_wait: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,10 @@ class StreamingOptions:
             its last ``split_search_ms``.
         split_search_ms: window, at the end of an over-long utterance, searched for a pause.
         interim_results: whether interim results are produced at all.
-        interim_interval_ms: new speech audio between two interim decodes.
+        first_interim_ms: speech after onset before the first interim decode (a quick first
+            response; later interims follow every ``interim_interval_ms``).
+        interim_interval_ms: new speech audio between two interim decodes. Each interim
+            re-decodes the whole utterance so far, so this sets most of the CPU cost.
         single_utterance: end the stream after the first utterance.
     """
 
@@ -95,7 +109,8 @@ class StreamingOptions:
     max_utterance_ms: int = 20000
     split_search_ms: int = 4000
     interim_results: bool = True
-    interim_interval_ms: int = 700
+    first_interim_ms: int = 500
+    interim_interval_ms: int = 1000
     single_utterance: bool = False
 
 

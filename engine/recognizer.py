@@ -70,6 +70,9 @@ class StreamingRecognizer:
         self._max_frames = round(options.max_utterance_ms / 1000 / FRAME_SECONDS)
         self._search_frames = round(options.split_search_ms / 1000 / FRAME_SECONDS)
         self._interim_samples = int(options.interim_interval_ms * TARGET_SAMPLE_RATE / 1000)
+        self._first_interim_samples = int(
+            min(options.first_interim_ms, options.interim_interval_ms) * TARGET_SAMPLE_RATE / 1000
+        )
         self.utterance_index = 0
         self._reset_utterance()
 
@@ -81,6 +84,7 @@ class StreamingRecognizer:
         self._speech_frames = 0
         self._probs: list[float] = []  # probabilities of the open utterance's frames
         self._next_interim_sample = 0
+        self._interim_speech_frame = -1  # last speech frame covered by an interim
 
     @property
     def received_seconds(self) -> float:
@@ -101,8 +105,11 @@ class StreamingRecognizer:
             self._frames_done += 1
         if self._confirmed and self.options.interim_results:
             end_sample = self._buffer_start + len(self._buffer)
-            if end_sample >= self._next_interim_sample:
+            # Only when the speaker said something since the last one: a pause adds no words.
+            fresh_speech = self._last_speech_frame > self._interim_speech_frame
+            if end_sample >= self._next_interim_sample and fresh_speech:
                 self._next_interim_sample = end_sample + self._interim_samples
+                self._interim_speech_frame = self._last_speech_frame
                 start = self._utterance_start_sample()
                 events.append(
                     InterimDue(
@@ -157,7 +164,7 @@ class StreamingRecognizer:
 
     def _confirm(self, events: list[Event]) -> None:
         self._confirmed = True
-        self._next_interim_sample = self._start_frame * FRAME_SAMPLES + self._interim_samples
+        self._next_interim_sample = self._start_frame * FRAME_SAMPLES + self._first_interim_samples
         events.append(SpeechStarted(self.utterance_index, self._start_frame * FRAME_SECONDS))
 
     def _split(self, frame: int, events: list[Event]) -> None:

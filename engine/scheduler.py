@@ -53,6 +53,10 @@ class _Unobserved:
 UNOBSERVED = _Unobserved()
 
 
+class StaleInterim(Exception):
+    """An interim waited too long in the queue and was dropped unrun."""
+
+
 @dataclass
 class DecodeOutcome:
     hypothesis: Hypothesis
@@ -62,9 +66,11 @@ class DecodeOutcome:
 class InferenceScheduler:
     """Runs ``SpeechModel.decode`` calls on ``workers`` threads with priorities."""
 
-    def __init__(self, model: SpeechModel, workers: int) -> None:
+    def __init__(self, model: SpeechModel, workers: int, max_interim_wait: float = 0.5) -> None:
         self.model = model
         self.workers = workers
+        self.max_interim_wait = max_interim_wait
+        self.stale_interims = 0
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stt-infer")
         self._queue: asyncio.PriorityQueue | None = None
         self._tasks: list[asyncio.Task] = []
@@ -107,6 +113,13 @@ class InferenceScheduler:
                 continue
             waited = time.perf_counter() - queued_at
             observer.dequeued(waited)
+            if not request.final and waited > self.max_interim_wait:
+                # Behind: skip it; the stream's next interim or its final covers this audio.
+                self.stale_interims += 1
+                error = StaleInterim(f"interim waited {waited:.2f} s")
+                observer.failed(error)
+                future.set_exception(error)
+                continue
             self.busy_workers += 1
             try:
                 hypothesis = await loop.run_in_executor(

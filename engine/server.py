@@ -92,7 +92,9 @@ class SttServer:
         model = await asyncio.to_thread(load_and_warm)
         self.model = model
         self.telemetry.model_loaded(model.name, time.perf_counter() - started)
-        self._scheduler = InferenceScheduler(model, self.model_options.workers)
+        self._scheduler = InferenceScheduler(
+            model, self.model_options.workers, self.options.decode.max_interim_wait
+        )
         self._scheduler.start()
         self.service.attach(model, self._scheduler)
         for name in HEALTH_SERVICES:

@@ -31,7 +31,7 @@ from .recognizer import (
     StreamingRecognizer,
     UtteranceEnded,
 )
-from .scheduler import InferenceScheduler
+from .scheduler import InferenceScheduler, StaleInterim
 from .settings import RecognitionSettings, recognition_settings
 
 if TYPE_CHECKING:
@@ -299,6 +299,8 @@ class StreamSession:
         observer = self.telemetry.decode("interim", event.utterance_index, event.start, event.end)
         try:
             outcome = await self.scheduler.decode(event.audio, request, observer)
+        except StaleInterim:
+            return  # the server is behind; interims thin out, finals do not
         except Exception:
             logger.exception("interim decode failed")  # the final still covers this audio
             return

@@ -21,8 +21,9 @@ STATE_SHAPE = (1, 1, 128)
 
 @lru_cache(maxsize=1)
 def _session():
+    import importlib.util
+
     import onnxruntime
-    from faster_whisper.utils import get_assets_path
 
     options = onnxruntime.SessionOptions()
     # One thread: VAD frames are tiny and the cores belong to the Whisper workers.
@@ -30,7 +31,10 @@ def _session():
     options.intra_op_num_threads = 1
     options.enable_cpu_mem_arena = False
     options.log_severity_level = 4
-    path = Path(get_assets_path()) / "silero_vad_v6.onnx"
+    # Located without importing faster_whisper, which would load CTranslate2 (and its
+    # OpenMP settings) before the model applies its thread limits.
+    package = Path(importlib.util.find_spec("faster_whisper").origin).parent
+    path = package / "assets" / "silero_vad_v6.onnx"
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"], sess_options=options)
 
 

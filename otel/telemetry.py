@@ -576,7 +576,9 @@ class DecodeTelemetry:
 
     def failed(self, error: BaseException) -> None:
         self.dequeued(0.0)
-        if isinstance(error, BaseException) and not isinstance(error, Exception):
+        if type(error).__name__ == "StaleInterim":
+            self.span.set_attribute("stt.decode.skipped", "stale")
+        elif not isinstance(error, Exception):
             self.span.set_attribute("stt.decode.cancelled", True)
         else:
             self.span.record_exception(error)

@@ -149,7 +149,7 @@ def test_a_span_per_chunk_and_decode_spans_linked_to_chunks(traced):
             assert decode.links and all(link.span_id in chunk_ids for link in decode.links)
             attrs = attributes(decode)
             assert attrs["stt.decode.kind"] == kind
-            assert attrs["stt.decode.encoder_frames"] >= 1000
+            assert attrs["stt.decode.encoder_frames"] >= 600  # never the 3000-frame window
             if kind == "interim":
                 assert attrs["stt.decode.beam_size"] == 1
             else:  # beam search, or sampling after Whisper's temperature fallback

@@ -1,0 +1,91 @@
+"""Where the CPU goes: one stream's recognition work, without gRPC, split by stage.
+
+Feeds the long-form audio (the clips of ../shared/audio joined with pauses) through
+the streaming recognizer in 100 ms chunks and runs every interim and final decode
+it asks for on one inference thread, then reports process CPU seconds per audio
+second for VAD, interims and finals. The options are the levers: run it once per
+setting to see what each one is worth.
+
+    python bench/decode_cost.py                                   # the defaults
+    python bench/decode_cost.py --blas-threads 2                  # numpy BLAS unrestricted
+    python bench/decode_cost.py --interim-min-frames 1000 --interim-interval-ms 700
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.streaming import long_form  # noqa: E402
+from engine.model import DecodeRequest, SpeechModel  # noqa: E402
+from engine.options import DecodeOptions, ModelOptions, StreamingOptions  # noqa: E402
+from engine.recognizer import InterimDue, LocalAgreement, StreamingRecognizer, UtteranceEnded  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio")
+    parser.add_argument("--interim-min-frames", type=int, default=DecodeOptions.interim_min_encoder_frames)
+    parser.add_argument("--final-min-frames", type=int, default=DecodeOptions.min_encoder_frames)
+    parser.add_argument("--interim-interval-ms", type=int, default=StreamingOptions.interim_interval_ms)
+    parser.add_argument("--first-interim-ms", type=int, default=StreamingOptions.first_interim_ms)
+    parser.add_argument("--blas-threads", type=int, default=1, help="numpy BLAS threads (engine: 1)")
+    parser.add_argument("--threads", type=int, default=1, help="CTranslate2 threads")
+    args = parser.parse_args()
+
+    audio, _ = long_form(args.audio_dir, 1.5, 0)
+    decode_options = DecodeOptions(
+        min_encoder_frames=args.final_min_frames, interim_min_encoder_frames=args.interim_min_frames
+    )
+    model = SpeechModel(ModelOptions(cpu_threads=args.threads, workers=1), decode_options)
+    if args.blas_threads != 1:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=args.blas_threads, user_api="blas")
+    model.warm_up()
+    options = dataclasses.replace(
+        StreamingOptions(),
+        interim_interval_ms=args.interim_interval_ms,
+        first_interim_ms=args.first_interim_ms,
+    )
+    recognizer, agreement = StreamingRecognizer(options), LocalAgreement()
+    cpu = {"vad": 0.0, "interim": 0.0, "final": 0.0}
+    counts = {"interim": 0, "final": 0}
+    for start in range(0, len(audio), 1600):
+        began = time.process_time()
+        events = recognizer.accept(audio[start : start + 1600])
+        cpu["vad"] += time.process_time() - began
+        for event in events:
+            began = time.process_time()
+            if isinstance(event, InterimDue):
+                text = model.decode(
+                    event.audio, DecodeRequest(final=False, prefix=agreement.stable_text)
+                ).text
+                agreement.update(text)
+                cpu["interim"] += time.process_time() - began
+                counts["interim"] += 1
+            elif isinstance(event, UtteranceEnded):
+                model.decode(event.audio, DecodeRequest(final=True))
+                agreement = LocalAgreement()
+                cpu["final"] += time.process_time() - began
+                counts["final"] += 1
+    seconds = len(audio) / 16000
+    result = {
+        "settings": vars(args) | {"audio_dir": str(args.audio_dir)},
+        "audio_seconds": seconds,
+        "decodes": counts,
+        "cpu_per_audio_second": {k: v / seconds for k, v in cpu.items()}
+        | {"total": sum(cpu.values()) / seconds},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Memory: server RSS over one long stream, and across many short streams.
+
+Long stream: the clips of ../shared/audio joined with pauses and looped to
+--minutes of audio, sent in 100 ms chunks at --speed times real time (the server
+does the same work per audio second; a 30-minute stream takes 3 minutes at 10x).
+RSS is sampled against the audio position; the figure of merit is RSS at the end
+over RSS after the first minute of audio. Short streams: --short-streams streams
+of 3 s of speech each, four at a time; RSS after the first 100 and after all.
+
+    python bench/memory.py --minutes 30 --speed 10 --short-streams 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.streaming import long_form, rss_mb  # noqa: E402
+from engine.api import stt_pb2  # noqa: E402
+from engine.audio import float_to_linear16, read_audio_file  # noqa: E402
+from engine.client import SpeechClient, StreamConfig, chunk_bytes, final_transcripts, paced  # noqa: E402
+
+
+def start_server(port: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "serve",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--max-stream-seconds",
+            "7200",
+            "--log-level",
+            "WARNING",
+        ],
+        cwd=REPO,
+        env={**os.environ, "OTEL_SDK_DISABLED": "true"},
+    )
+    with SpeechClient(f"127.0.0.1:{port}") as client:
+        client.wait_until_serving(120)
+    return server
+
+
+def long_stream(target: str, pid: int, minutes: float, speed: float) -> dict:
+    audio, _ = long_form(REPO.parent / "shared" / "audio", 1.5, minutes)
+    pcm = float_to_linear16(audio)
+    position = [0.0]
+    samples: list[tuple[float, float]] = []
+    finals = [0]
+
+    def requests():
+        yield StreamConfig().first_request()
+        for chunk in paced(chunk_bytes(pcm, 3200), 0.1 / speed, realtime=True):
+            position[0] += 0.1
+            yield stt_pb2.StreamingRecognizeRequest(audio_content=chunk)
+
+    def run() -> None:
+        with SpeechClient(target) as client:
+            for response in client.stream(requests()):
+                if response.HasField("result") and response.result.is_final:
+                    finals[0] += 1
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    while thread.is_alive():
+        samples.append((position[0], rss_mb(pid)))
+        time.sleep(1.0)
+    thread.join()
+    samples.append((position[0], rss_mb(pid)))
+    at_one_minute = next((rss for pos, rss in samples if pos >= 60), samples[-1][1])
+    end = samples[-1][1]
+    return {
+        "audio_minutes": len(audio) / 16000 / 60,
+        "speed": speed,
+        "finals": finals[0],
+        "rss_at_1_min_mb": at_one_minute,
+        "rss_at_end_mb": end,
+        "rss_max_mb": max(r for _, r in samples),
+        "end_over_1_min": end / at_one_minute,
+        "samples": samples[:: max(1, len(samples) // 60)],
+    }
+
+
+def short_streams(target: str, pid: int, count: int) -> dict:
+    audio = read_audio_file(REPO / "engine" / "samples" / "jfk.wav")[: 16000 * 3]
+    rss_after: dict[int, float] = {}
+    done = [0]
+    lock = threading.Lock()
+
+    def one(_: int) -> int:
+        with SpeechClient(target) as client:
+            text = final_transcripts(client.stream_audio(audio, StreamConfig(), realtime=False))
+        with lock:
+            done[0] += 1
+            if done[0] in (100, count // 2, count):
+                rss_after[done[0]] = rss_mb(pid)
+        return len(text)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(one, range(count)))
+    return {
+        "streams": count,
+        "streams_with_text": sum(1 for r in results if r),
+        "rss_after_mb": rss_after,
+        "growth_100_to_end_mb": rss_after[count] - rss_after[100],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--speed", type=float, default=10)
+    parser.add_argument("--short-streams", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = parser.parse_args()
+    port = 50600
+    server = start_server(port)
+    try:
+        result = {"rss_idle_mb": rss_mb(server.pid)}
+        result["long_stream"] = long_stream(f"127.0.0.1:{port}", server.pid, args.minutes, args.speed)
+        print(json.dumps({k: v for k, v in result["long_stream"].items() if k != "samples"}), flush=True)
+        result["short_streams"] = short_streams(f"127.0.0.1:{port}", server.pid, args.short_streams)
+        print(json.dumps(result["short_streams"]), flush=True)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "memory.json").write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

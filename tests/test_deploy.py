@@ -1,0 +1,718 @@
+"""The deployment and observability stack around the engine, checked with the real tools.
+
+- Prometheus config and alert rules: ``promtool check config``, ``promtool check rules`` and the
+  rule unit tests (``promtool test rules``), each alert firing and not firing.
+- A real Prometheus scrapes a real engine (``--metrics-port``) while real streams run, with the
+  alert rules loaded, and evaluates every PromQL expression of the dashboard and the rules.
+- Kubernetes manifests against the Kubernetes schemas (``kubernetes-validate`` bundles them).
+- docker-compose.yml against the compose-spec schema (vendored by ``check-jsonschema``).
+- Dockerfile with ``hadolint``; its HEALTHCHECK command run against a live engine.
+- Grafana provisioning: the trace/metrics/logs correlations, and metric names that exist.
+- Collector config: every pipeline component defined, and a component of the pinned release.
+
+Docker itself cannot run here, so images are not built: the files are validated statically.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from engine.audio import read_audio_file
+from engine.client import StreamConfig, final_transcripts
+from tests.conftest import REPO, SAMPLE, ServerProcess, free_port
+
+DEPLOY = REPO / "deploy"
+PROMETHEUS_DIR = DEPLOY / "prometheus"
+ALERTS = PROMETHEUS_DIR / "alerts.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "stt-engine.json"
+DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "datasources.yaml"
+DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "dashboards.yaml"
+K8S = DEPLOY / "k8s"
+COMPOSE = REPO / "docker-compose.yml"
+COLLECTOR_CONFIG = REPO / "collector-config.yaml"
+DOCKERFILE = REPO / "Dockerfile"
+RUNBOOK = REPO / "docs" / "runbook.md"
+COLLECTOR_VERSION = "0.136.0"  # otel/opentelemetry-collector-contrib image pinned in docker-compose.yml
+
+needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+
+
+def load_yaml(path: Path):
+    with path.open() as handle:
+        return yaml.safe_load(handle)
+
+
+def load_yaml_all(path: Path) -> list:
+    with path.open() as handle:
+        return [doc for doc in yaml.safe_load_all(handle) if doc]
+
+
+def run(*command: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def alert_rules() -> list[dict]:
+    return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"] if "alert" in rule]
+
+
+def dashboard_panels() -> list[dict]:
+    panels = []
+    for panel in load_dashboard()["panels"]:
+        panels.append(panel)
+        panels.extend(panel.get("panels", []))
+    return panels
+
+
+def load_dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_prometheus_targets() -> list[tuple[str, dict]]:
+    """(panel title, target) for every Prometheus query of the dashboard."""
+    found = []
+    for panel in dashboard_panels():
+        for target in panel.get("targets", []):
+            datasource = target.get("datasource") or panel.get("datasource") or {}
+            if datasource.get("type") == "prometheus":
+                found.append((panel["title"], target))
+    return found
+
+
+# --- PromQL helpers -------------------------------------------------------------------------------
+
+PROMQL_KEYWORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right"}
+PROMQL_KEYWORDS |= {"bool", "offset", "inf", "nan"}
+
+
+def grafana_to_promql(expr: str) -> str:
+    """Grafana's template variables replaced the way Grafana would, for a 1 s scrape."""
+    for variable in ("$__rate_interval", "${__rate_interval}", "$__interval", "${__interval}"):
+        expr = expr.replace(variable, "1m")
+    assert "$" not in expr, f"unsubstituted variable in {expr!r}"
+    return expr
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (strings, label lists and functions removed)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)
+    text = re.sub(r"\{[^}]*\}", " ", text)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        following = text[match.end() :].lstrip()
+        if following.startswith("("):
+            continue  # a function or an aggregation
+        if match.group(0).lower() in PROMQL_KEYWORDS or re.fullmatch(r"\d.*", match.group(0)):
+            continue
+        names.add(match.group(0))
+    return names
+
+
+def value_expression(expr: str) -> str:
+    """The quantity an alert compares: ``X > 2`` -> ``X``; ``absent(X)`` -> ``X``."""
+    expr = expr.strip()
+    absent = re.fullmatch(r"absent\((.*)\)", expr, re.S)
+    if absent:
+        return absent.group(1).strip()
+    compared = re.fullmatch(r"(.*?)\s*(?:>=|<=|==|!=|>|<)\s*[-+]?[0-9.]+(?:e[-+]?\d+)?", expr, re.S)
+    assert compared, f"alert expression is not `value <op> threshold` nor absent(): {expr}"
+    return compared.group(1).strip()
+
+
+# --- promtool -------------------------------------------------------------------------------------
+
+
+@needs_promtool
+def test_promtool_check_config():
+    result = run("promtool", "check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+@needs_promtool
+def test_promtool_check_rules():
+    result = run("promtool", "check", "rules", str(ALERTS))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
+
+
+@needs_promtool
+def test_promtool_rule_unit_tests_fire_and_do_not_fire_every_alert():
+    result = run("promtool", "test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+    # Every alert is tested both ways: some case expects it, some case expects it silent.
+    fired, silent = set(), set()
+    for case in load_yaml(PROMETHEUS_DIR / "alerts_test.yml")["tests"]:
+        for check in case.get("alert_rule_test", []):
+            (fired if check.get("exp_alerts") else silent).add(check["alertname"])
+    names = {rule["alert"] for rule in alert_rules()}
+    assert names <= fired, f"never tested firing: {names - fired}"
+    assert names <= silent, f"never tested silent: {names - silent}"
+
+
+def github_anchor(heading: str) -> str:
+    anchor = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return anchor.replace(" ", "-")
+
+
+def test_every_alert_has_severity_and_a_runbook_section():
+    anchors = {
+        github_anchor(line.lstrip("#"))
+        for line in RUNBOOK.read_text().splitlines()
+        if re.match(r"#{1,6} ", line)
+    }
+    rules = alert_rules()
+    assert len(rules) >= 7
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+        url = rule["annotations"]["runbook_url"]
+        path, _, anchor = url.partition("#")
+        assert path == "docs/runbook.md", url
+        assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in docs/runbook.md"
+    severities = {rule["alert"]: rule["labels"]["severity"] for rule in rules}
+    assert severities["STTErrorRatioHigh"] == "critical"
+    assert severities["STTFinalLatencyHigh"] == "warning"
+
+
+# --- a real Prometheus against a real engine --------------------------------------------------------
+
+
+@dataclass
+class Live:
+    prometheus_port: int
+    metrics_text: str
+    server: ServerProcess
+
+    def query(self, expr: str) -> list:
+        url = f"http://127.0.0.1:{self.prometheus_port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": expr}
+        )
+        with urllib.request.urlopen(url, timeout=10) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def wait_for(self, expr: str, minimum: float, timeout: float = 30) -> None:
+        """Until Prometheus has scraped a value of ``expr`` of at least ``minimum``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                result = self.query(expr)
+                if result and float(result[0]["value"][1]) >= minimum:
+                    return
+            except OSError:
+                pass  # Prometheus still starting
+            assert time.monotonic() < deadline, f"Prometheus never saw {expr} >= {minimum}"
+            time.sleep(0.2)
+
+    def api(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.prometheus_port}{path}", timeout=10) as response:
+            return json.load(response)
+
+
+def finite_values(result: list) -> list[float]:
+    values = [float(series["value"][1]) for series in result]
+    return [value for value in values if math.isfinite(value)]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """Engine (--metrics-port, --max-streams 1) scraped every second by Prometheus with the alert
+    rules loaded, after a short fast stream, a real-time stream and two refused streams."""
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus not installed")
+    tmp = tmp_path_factory.mktemp("prometheus")
+    metrics_port, prometheus_port = free_port(), free_port()
+    server = ServerProcess(
+        "--metrics-port",
+        str(metrics_port),
+        "--max-streams",
+        "1",
+        env={"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"},
+    )
+    config = tmp / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(ALERTS)],
+                "scrape_configs": [
+                    {
+                        "job_name": "stt-engine",
+                        "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    prometheus = subprocess.Popen(
+        [
+            "prometheus",
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp / 'data'}",
+            f"--web.listen-address=127.0.0.1:{prometheus_port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    live = Live(prometheus_port, "", server)
+    try:
+        server.wait_ready()
+        jfk = read_audio_file(SAMPLE)
+        with server.client() as client:
+            # Creates the per-call series (call duration, realtime factor) that the real-time
+            # stream below then increments, so their rates are not zero.
+            assert final_transcripts(client.stream_audio(jfk[: 4 * 16000], StreamConfig(), realtime=False))
+            client.server_info()
+        live.wait_for("sum(stt_realtime_factor_count)", 1)
+        finals: list[str] = []
+
+        def stream_in_real_time() -> None:
+            with server.client() as client:
+                finals.extend(final_transcripts(client.stream_audio(jfk, StreamConfig(), realtime=True)))
+
+        realtime = threading.Thread(target=stream_in_real_time, daemon=True)
+        realtime.start()
+        time.sleep(1)
+        with server.client() as client:
+            for refusals in (1, 2):  # beyond --max-streams 1: RESOURCE_EXHAUSTED, a server-side error
+                with pytest.raises(grpc.RpcError) as refused:
+                    final_transcripts(client.stream_audio(jfk[:16000], StreamConfig(), realtime=False))
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                # Scraped before the next one, so the error counter's rate is not zero.
+                live.wait_for("sum(stt_errors_total)", refusals)
+        assert realtime.is_alive(), "the real-time stream ended before the refusals"
+        realtime.join(timeout=60)
+        assert finals, "the real-time stream produced no final"
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+            live.metrics_text = response.read().decode()
+        live.wait_for("sum(stt_realtime_factor_count)", 2)  # the end of the real-time stream
+        time.sleep(2)  # a few more scrapes and rule evaluations
+        yield live
+    finally:
+        prometheus.terminate()
+        prometheus.wait(timeout=30)
+        server.stop()
+
+
+def exported_names(metrics_text: str) -> set[str]:
+    names = set()
+    for line in metrics_text.splitlines():
+        if line and not line.startswith("#"):
+            names.add(re.match(r"[A-Za-z_:][A-Za-z0-9_:]*", line).group(0))
+    return names
+
+
+# `up` is made by Prometheus for each scrape target, never exported by the engine.
+SYNTHETIC_METRICS = {"up"}
+
+
+def test_dashboard_and_alerts_use_only_metrics_the_engine_exports(live):
+    exported = exported_names(live.metrics_text)
+    expressions = [target["expr"] for _, target in dashboard_prometheus_targets()]
+    expressions += [rule["expr"] for rule in alert_rules()]
+    used = set().union(*(metric_names(grafana_to_promql(expr)) for expr in expressions))
+    assert {"stt_final_latency_seconds_bucket", "rpc_server_call_duration_seconds_count"} <= used
+    unknown = used - exported - SYNTHETIC_METRICS
+    assert not unknown, f"not exported by the engine: {sorted(unknown)}"
+
+
+# Dashboard queries that may legitimately return no finite value after this short run, and why.
+# (Empty: every panel query returns data here.)
+DASHBOARD_NO_DATA_REASONS: dict[str, str] = {}
+
+
+def test_every_dashboard_query_returns_data_from_real_prometheus(live):
+    targets = dashboard_prometheus_targets()
+    assert len(targets) >= 20
+    empty = []
+    for title, target in targets:
+        expr = grafana_to_promql(target["expr"])
+        result = live.query(expr)
+        if not finite_values(result) and expr not in DASHBOARD_NO_DATA_REASONS:
+            empty.append(f"{title}: {expr} -> {result}")
+    assert not empty, "queries without data:\n" + "\n".join(empty)
+
+
+def test_every_alert_expression_evaluates_on_real_data(live):
+    for rule in alert_rules():
+        live.query(rule["expr"])  # the whole rule evaluates (status success)
+        value = value_expression(rule["expr"])
+        assert finite_values(live.query(value)), f"{rule['alert']}: {value} returned no data"
+    # Prometheus itself loaded the rules file and evaluates every rule without error.
+    deadline = time.monotonic() + 10
+    while True:
+        groups = live.api("/api/v1/rules")["data"]["groups"]
+        rules = [rule for group in groups for rule in group["rules"]]
+        if len(rules) == len(alert_rules()) and all(rule.get("health") == "ok" for rule in rules):
+            break
+        assert time.monotonic() < deadline, [(r["name"], r.get("health"), r.get("lastError")) for r in rules]
+        time.sleep(0.5)
+    # Two refused streams in a minute of real traffic: the error-ratio SLO expression sees them.
+    (error_ratio,) = [rule["expr"] for rule in alert_rules() if rule["alert"] == "STTErrorRatioHigh"]
+    ratio = finite_values(live.query(value_expression(error_ratio)))
+    assert ratio and 0 < ratio[0] < 1
+    errors = live.query("sum by (stt_error_reason) (stt_errors_total)")
+    assert {series["metric"]["stt_error_reason"] for series in errors} == {"STT_TOO_MANY_STREAMS"}
+
+
+def dockerfile_healthcheck() -> list[str]:
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    match = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])$", text, re.M)
+    assert match, "no exec-form HEALTHCHECK in the Dockerfile"
+    return json.loads(match.group(1))
+
+
+def test_the_image_healthcheck_command_probes_grpc_health(live):
+    command = dockerfile_healthcheck()
+    assert command[:2] == ["python", "-c"] and "127.0.0.1:50051" in command[2]
+    serving = subprocess.run(
+        [sys.executable, "-c", command[2].replace("127.0.0.1:50051", live.server.target)], timeout=30
+    )
+    assert serving.returncode == 0
+    nobody = subprocess.run(
+        [sys.executable, "-c", command[2].replace("127.0.0.1:50051", f"127.0.0.1:{free_port()}")],
+        capture_output=True,
+        timeout=30,
+    )
+    assert nobody.returncode != 0
+
+
+# --- Kubernetes --------------------------------------------------------------------------------------
+
+K8S_VERSIONS = ("1.30.0", "1.37.0")  # oldest and newest Kubernetes we claim
+
+
+def k8s_documents() -> dict[str, dict]:
+    docs = {}
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in load_yaml_all(path):
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def test_kubernetes_manifests_validate_against_the_schemas():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = k8s_documents()
+    assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    for version in K8S_VERSIONS:
+        for doc in docs.values():
+            kubernetes_validate.validate(doc, version, strict=True)
+    # The validator does reject a broken manifest (it works offline, with its bundled schemas).
+    broken = copy.deepcopy(docs["Deployment"])
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
+    typo = copy.deepcopy(docs["Service"])
+    typo["spec"]["clusterIp"] = "None"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, K8S_VERSIONS[-1], strict=True)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomization_renders_valid_manifests():
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    result = run("kubectl", "kustomize", str(K8S))
+    assert result.returncode == 0, result.stderr
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert sorted(doc["kind"] for doc in rendered) == sorted(k8s_documents())
+    for doc in rendered:
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "stt-engine"
+
+
+def test_deployment_probes_drain_and_telemetry():
+    docs = k8s_documents()
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    assert env["STT_ADDRESS"] == "0.0.0.0:50051"  # kubelet probes the pod IP
+    assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://") and env[
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    ].endswith(":4317")
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == 50051, probe
+    assert container["readinessProbe"]["grpc"]["service"] == "stt.v1.Speech"
+    assert container["startupProbe"]["grpc"]["service"] == "stt.v1.Speech"
+    assert container["livenessProbe"]["grpc"]["service"] == ""
+    startup = container["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    # The grace period covers preStop, the drain, finalising open utterances and the flush.
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + float(env["STT_DRAIN_SECONDS"]) + 30
+    assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"] == "2Gi"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    service = docs["Service"]["spec"]
+    assert service["clusterIP"] == "None" and service["ports"][0]["port"] == 50051
+    hpa = docs["HorizontalPodAutoscaler"]["spec"]
+    assert hpa["metrics"][0]["resource"]["name"] == "cpu"
+    assert "stt_streams_active" in (K8S / "hpa.yaml").read_text()  # the commented custom-metric variant
+    assert docs["PodDisruptionBudget"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]
+
+
+# --- docker compose and the Dockerfile ----------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("check-jsonschema") is None, reason="check-jsonschema not installed")
+def test_compose_file_validates_against_the_compose_spec(tmp_path: Path):
+    result = run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = load_yaml(COMPOSE)
+    broken["services"]["engine"]["healthcheck"]["intervall"] = "15s"
+    broken_path = tmp_path / "docker-compose.yml"
+    broken_path.write_text(yaml.safe_dump(broken))
+    rejected = run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(broken_path))
+    assert rejected.returncode != 0, "the compose schema accepted an unknown key"
+
+
+def test_compose_stack_is_pinned_and_wired():
+    compose = load_yaml(COMPOSE)
+    services = compose["services"]
+    assert set(services) == {"engine", "otel-collector", "jaeger", "prometheus", "loki", "grafana"}
+    for name, service in services.items():
+        if name == "engine":
+            assert service["build"]["dockerfile"] == "Dockerfile"
+            continue
+        image = service["image"]
+        tag = image.rpartition(":")[2]
+        assert ":" in image and tag != "latest" and re.search(r"\d+\.\d+\.\d+", tag), image
+    engine = services["engine"]
+    assert engine["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
+    assert engine["healthcheck"]["test"][1:] == dockerfile_healthcheck()
+    assert "50051:50051" in engine["ports"]
+    assert services["otel-collector"]["image"] == f"otel/opentelemetry-collector-contrib:{COLLECTOR_VERSION}"
+    prometheus = " ".join(services["prometheus"]["command"])
+    assert "--enable-feature=exemplar-storage" in prometheus
+    # Every file or folder mounted from the repository exists.
+    for service in services.values():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (REPO / source).exists(), volume
+    mounted = {v.split(":")[1] for v in services["grafana"]["volumes"]}
+    assert load_yaml(DASHBOARD_PROVIDERS)["providers"][0]["options"]["path"] in mounted
+
+
+def test_dockerfile_lints_clean_and_builds_a_non_root_serving_image():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^FROM python:3\.\d+-slim\S*", text, re.M)
+    assert re.search(r"^RUN .*pip install \.", text, re.M)
+    assert re.search(r"^USER (?!root|0\b)\S+", text, re.M)
+    assert re.search(r"^EXPOSE 50051$", text, re.M)
+    assert re.search(r'^CMD \["serve"\]$', text, re.M) and 'ENTRYPOINT ["stt-engine"]' in text
+    ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    ignored = [line for line in ignored if line and not line.startswith("#")]
+    for needed in ("pyproject.toml", "README.md", "engine", "otel"):
+        assert needed not in ignored, needed
+    if shutil.which("hadolint") is None:
+        pytest.skip("hadolint not installed (static checks above passed)")
+    result = run("hadolint", str(DOCKERFILE))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- Grafana -------------------------------------------------------------------------------------------
+
+
+def test_grafana_datasources_correlate_traces_metrics_and_logs():
+    lines = [line for line in DATASOURCES.read_text().splitlines() if not line.lstrip().startswith("#")]
+    # Grafana expands $VAR / ${VAR} in provisioning files: every literal `$` must be written `$$`.
+    assert "$" not in "\n".join(lines).replace("$$", ""), "unescaped $ in datasources.yaml"
+    sources = {source["type"]: source for source in load_yaml(DATASOURCES)["datasources"]}
+    assert set(sources) == {"prometheus", "jaeger", "loki"}
+    uids = {source["uid"] for source in sources.values()}
+    prometheus, jaeger, loki = sources["prometheus"], sources["jaeger"], sources["loki"]
+    assert prometheus["url"] == "http://prometheus:9090"
+    assert jaeger["url"] == "http://jaeger:16686" and loki["url"] == "http://loki:3100"
+
+    (exemplar,) = prometheus["jsonData"]["exemplarTraceIdDestinations"]
+    assert exemplar["name"] == "trace_id" and exemplar["datasourceUid"] == jaeger["uid"]
+
+    to_logs = jaeger["jsonData"]["tracesToLogsV2"]
+    assert to_logs["datasourceUid"] == loki["uid"] and to_logs["customQuery"] is True
+    # Provisioned `$$` becomes `$`: the query Grafana runs filters on the trace_id metadata.
+    query = to_logs["query"].replace("$$", "$")
+    assert query == '{service_name="stt-engine"} | trace_id="${__trace.traceId}"'
+
+    (derived,) = loki["jsonData"]["derivedFields"]
+    assert derived["datasourceUid"] == jaeger["uid"] and derived["matcherType"] == "label"
+    assert derived["matcherRegex"] == "trace_id" and derived["url"].replace("$$", "$") == "${__value.raw}"
+    assert {exemplar["datasourceUid"], to_logs["datasourceUid"], derived["datasourceUid"]} <= uids
+
+
+def test_grafana_dashboard_covers_the_engine_with_exemplars():
+    dashboard = load_dashboard()
+    assert dashboard["uid"] == "stt-engine" and dashboard["title"] == "stt-engine"
+    uids = {source["uid"] for source in load_yaml(DATASOURCES)["datasources"]}
+    panels = [panel for panel in dashboard_panels() if panel["type"] != "row"]
+    ids = [panel["id"] for panel in dashboard_panels()]
+    assert len(ids) == len(set(ids)), "duplicate panel ids"
+    for panel in panels:
+        assert panel["datasource"]["uid"] in uids, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] in uids, panel["title"]
+    text = " ".join(target["expr"] for _, target in dashboard_prometheus_targets())
+    for metric in (
+        "stt_streams_active",
+        "stt_audio_received_seconds_total",
+        "stt_realtime_factor_bucket",
+        "stt_first_interim_latency_seconds_bucket",
+        "stt_final_latency_seconds_bucket",
+        "stt_decode_duration_seconds_bucket",
+        "stt_inference_queue_depth",
+        "stt_inference_queue_wait_seconds_bucket",
+        "stt_errors_total",
+        "rpc_server_call_duration_seconds_count",
+        "rpc_server_call_duration_seconds_bucket",
+        "process_cpu_time_seconds_total",
+        "process_memory_usage_bytes",
+        "stt_model_loaded",
+    ):
+        assert metric in text, f"no panel shows {metric}"
+    for quantile in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({quantile}, sum by (le) (rate(stt_final_latency_seconds_bucket" in text
+        assert f"histogram_quantile({quantile}, sum by (le) (rate(stt_first_interim_latency" in text
+    # Latency panels show exemplars, which link to the stream's trace in Jaeger.
+    latency_graphs = 0
+    for panel in panels:
+        for target in panel["targets"]:
+            if panel["type"] == "timeseries" and "histogram_quantile" in target["expr"]:
+                assert target["exemplar"] is True, (panel["title"], target["expr"])
+                latency_graphs += "stt_final_latency" in target["expr"] or "first_interim" in target["expr"]
+    assert latency_graphs == 6  # p50/p95/p99 of final latency and of time to first interim
+    # Queries do not depend on the scrape job: the same dashboard serves collector and engine scrapes.
+    assert "job=" not in text
+    assert any(panel["type"] == "logs" and panel["datasource"]["type"] == "loki" for panel in panels)
+
+
+# --- the collector -------------------------------------------------------------------------------------
+
+# Component types of otelcol-contrib 0.136.0, from the distribution's manifest
+# (open-telemetry/opentelemetry-collector-releases, distributions/otelcol-contrib/manifest.yaml,
+# modules at v0.136.0), written as the type names used in configuration. Receivers: the common
+# subset. Not in this release: the `loki` exporter (removed in v0.131), a `jaeger` exporter, and
+# the `otlp_grpc` / `otlp_http` names (introduced in v0.144).
+CONTRIB_COMPONENTS = {
+    "extensions": {
+        "zpages", "health_check", "pprof", "basicauth", "bearertokenauth", "headers_setter",
+        "oauth2client", "oidc", "sigv4auth", "file_storage", "db_storage", "jaegerremotesampling",
+        "http_forwarder", "awsproxy", "docker_observer", "host_observer", "k8s_observer", "opamp",
+    },
+    "receivers": {
+        "nop", "otlp", "jaeger", "zipkin", "prometheus", "hostmetrics", "filelog", "journald",
+        "kafka", "k8s_cluster", "k8s_events", "k8sobjects", "kubeletstats", "syslog", "statsd",
+        "docker_stats", "httpcheck", "prometheus_simple", "receiver_creator", "otelarrow",
+    },
+    "processors": {
+        "batch", "memory_limiter", "attributes", "cumulativetodelta", "deltatocumulative",
+        "deltatorate", "filter", "geoip", "groupbyattrs", "groupbytrace", "interval",
+        "k8sattributes", "logdedup", "metricsgeneration", "metricstarttime", "metricstransform",
+        "probabilistic_sampler", "redaction", "remotetap", "resourcedetection", "resource", "schema",
+        "span", "tail_sampling", "transform",
+    },
+    "exporters": {
+        "debug", "nop", "otlp", "otlphttp", "awss3", "awsxray", "clickhouse", "datadog",
+        "elasticsearch", "file", "googlecloud", "influxdb", "kafka", "loadbalancing", "opensearch",
+        "otelarrow", "prometheus", "prometheusremotewrite", "sentry", "signalfx", "splunk_hec",
+        "syslog", "zipkin",
+    },
+    "connectors": {
+        "forward", "count", "datadog", "exceptions", "failover", "grafanacloud", "otlpjson",
+        "roundrobin", "routing", "servicegraph", "spanmetrics", "sum", "signaltometrics",
+    },
+}  # fmt: skip
+
+
+def component_type(component_id: str) -> str:
+    return component_id.split("/", 1)[0]
+
+
+def test_collector_pipelines_use_defined_components_of_the_pinned_release():
+    config = load_yaml(COLLECTOR_CONFIG)
+    service = config["service"]
+    connectors = set(config.get("connectors", {}))
+    for kind in ("receivers", "processors", "exporters", "connectors", "extensions"):
+        for component_id in config.get(kind, {}):
+            assert component_type(component_id) in CONTRIB_COMPONENTS[kind], (
+                f"{kind[:-1]} {component_id!r} is not a component of otelcol-contrib {COLLECTOR_VERSION}"
+            )
+    for extension in service["extensions"]:
+        assert extension in config["extensions"], extension
+    fed, fed_from = set(), set()
+    for name, pipeline in service["pipelines"].items():
+        for receiver in pipeline["receivers"]:
+            assert receiver in config["receivers"] or receiver in connectors, (name, receiver)
+            fed_from.add(receiver)
+        for processor in pipeline["processors"]:
+            assert processor in config["processors"], (name, processor)
+        for exporter in pipeline["exporters"]:
+            assert exporter in config["exporters"] or exporter in connectors, (name, exporter)
+            fed.add(exporter)
+        assert pipeline["processors"][0] == "memory_limiter", f"{name}: memory_limiter must come first"
+        assert "batch" in pipeline["processors"] and "resource" in pipeline["processors"]
+    # A connector is the exporter of one pipeline and the receiver of another.
+    assert connectors <= fed & fed_from
+    # Every defined component is used (an unused one is usually a typo).
+    for kind in ("receivers", "processors", "exporters"):
+        used = {c for pipeline in service["pipelines"].values() for c in pipeline[kind]}
+        assert set(config[kind]) <= used, (kind, set(config[kind]) - used)
+
+
+def test_collector_routes_each_signal_to_its_backend():
+    config = load_yaml(COLLECTOR_CONFIG)
+    pipelines = config["service"]["pipelines"]
+    exporters = config["exporters"]
+    protocols = config["receivers"]["otlp"]["protocols"]
+    assert protocols["grpc"]["endpoint"].endswith(":4317") and protocols["http"]["endpoint"].endswith(":4318")
+
+    def exporter(signal: str, kind: str) -> dict:
+        (found,) = [e for e in pipelines[signal]["exporters"] if component_type(e) == kind]
+        return exporters[found]
+
+    assert exporter("traces", "otlp")["endpoint"] == "jaeger:4317"
+    assert exporter("logs", "otlphttp")["endpoint"] == "http://loki:3100/otlp"
+    prometheus = exporter("metrics", "prometheus")
+    assert prometheus["endpoint"].endswith(":8889") and prometheus["enable_open_metrics"] is True
+    assert config["extensions"]["health_check"]["endpoint"].endswith(":13133")
+    own = config["service"]["telemetry"]["metrics"]["readers"][0]["pull"]["exporter"]["prometheus"]
+    assert own["port"] == 8888
+    scraped = {
+        target
+        for job in load_yaml(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    }
+    assert {"otel-collector:8889", "otel-collector:8888"} <= scraped
+
+
+def test_loki_takes_otlp_logs_with_trace_ids_as_structured_metadata():
+    loki = load_yaml(DEPLOY / "loki" / "loki.yaml")
+    assert loki["server"]["http_listen_port"] == 3100
+    assert loki["limits_config"]["allow_structured_metadata"] is True
+    # Structured metadata (where OTLP trace_id/span_id land) needs the v13 schema on tsdb.
+    latest = max(loki["schema_config"]["configs"], key=lambda config: str(config["from"]))
+    assert latest["schema"] == "v13" and latest["store"] == "tsdb"
+    compose = load_yaml(COMPOSE)["services"]["loki"]
+    assert "-config.file=/etc/loki/loki.yaml" in compose["command"]
+    assert "./deploy/loki/loki.yaml:/etc/loki/loki.yaml:ro" in compose["volumes"]
