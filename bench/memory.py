@@ -120,7 +120,7 @@ def short_streams(target: str, pid: int, count: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--minutes", type=float, default=30)
+    parser.add_argument("--minutes", type=float, default=30, help="0 skips the long stream")
     parser.add_argument("--speed", type=float, default=10)
     parser.add_argument("--short-streams", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -129,8 +129,9 @@ def main() -> None:
     server = start_server(port)
     try:
         result = {"rss_idle_mb": rss_mb(server.pid)}
-        result["long_stream"] = long_stream(f"127.0.0.1:{port}", server.pid, args.minutes, args.speed)
-        print(json.dumps({k: v for k, v in result["long_stream"].items() if k != "samples"}), flush=True)
+        if args.minutes > 0:
+            result["long_stream"] = long_stream(f"127.0.0.1:{port}", server.pid, args.minutes, args.speed)
+            print(json.dumps({k: v for k, v in result["long_stream"].items() if k != "samples"}), flush=True)
         result["short_streams"] = short_streams(f"127.0.0.1:{port}", server.pid, args.short_streams)
         print(json.dumps(result["short_streams"]), flush=True)
     finally:

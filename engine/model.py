@@ -107,23 +107,6 @@ def limit_blas_threads() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
-def return_large_buffers_to_os() -> None:
-    """Makes glibc hand large freed buffers back to the OS instead of keeping them.
-
-    glibc raises its mmap threshold every time a large block is freed, so encoder and
-    decoder buffers of ever-new sizes end up in a heap that fragments and only grows
-    (+30 MB over 1500 decodes of varying lengths, measured). A fixed threshold keeps
-    them mmap-backed; with encoder inputs bucketed too, RSS stays flat.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None or not hasattr(ctypes.CDLL(name), "mallopt"):
-        return  # not glibc
-    ctypes.CDLL(name).mallopt(-3, 256 * 1024)  # M_MMAP_THRESHOLD
-
-
 def compression_ratio(text: str) -> float:
     data = text.encode("utf-8")
     return len(data) / max(1, len(zlib.compress(data)))
@@ -134,7 +117,6 @@ class SpeechModel:
 
     def __init__(self, options: ModelOptions, decode_options: DecodeOptions | None = None) -> None:
         limit_blas_threads()
-        return_large_buffers_to_os()
         from faster_whisper import WhisperModel
 
         self.options = options

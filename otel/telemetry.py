@@ -482,6 +482,7 @@ class StreamTelemetry(CallTelemetry):
         self.utterance_done(utterance_index)
 
     def utterance_done(self, utterance_index: int) -> None:
+        self._first_interim_sent.discard(utterance_index)
         entry = self._utterances.pop(utterance_index, None)
         if entry is not None:
             entry[0].end()

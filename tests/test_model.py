@@ -57,7 +57,10 @@ def test_finals_run_before_queued_interims_and_stale_interims_are_dropped(model,
         await asyncio.sleep(0.01)  # the single worker is busy with it
         interims = [asyncio.create_task(decode(f"interim{i}", False)) for i in range(3)]
         final = asyncio.create_task(decode("final", True))
+        await asyncio.sleep(0.01)
+        finals_were_waiting = scheduler.finals_waiting  # sessions hold new interims back now
         await asyncio.gather(blocker, *interims, final)
+        assert finals_were_waiting and not scheduler.finals_waiting
         await scheduler.stop()
         return order, scheduler.stale_interims
 
