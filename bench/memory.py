@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -25,32 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.streaming import long_form, rss_mb  # noqa: E402
+from bench.streaming import long_form, rss_mb, start_server  # noqa: E402
 from engine.api import stt_pb2  # noqa: E402
 from engine.audio import float_to_linear16, read_audio_file  # noqa: E402
 from engine.client import SpeechClient, StreamConfig, chunk_bytes, final_transcripts, paced  # noqa: E402
-
-
-def start_server(port: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "serve",
-            "--address",
-            f"127.0.0.1:{port}",
-            "--max-stream-seconds",
-            "7200",
-            "--log-level",
-            "WARNING",
-        ],
-        cwd=REPO,
-        env={**os.environ, "OTEL_SDK_DISABLED": "true"},
-    )
-    with SpeechClient(f"127.0.0.1:{port}") as client:
-        client.wait_until_serving(120)
-    return server
 
 
 def long_stream(target: str, pid: int, minutes: float, speed: float) -> dict:
@@ -126,7 +102,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = parser.parse_args()
     port = 50600
-    server = start_server(port)
+    server = start_server(
+        f"127.0.0.1:{port}", "--max-stream-seconds", "7200", env={"OTEL_SDK_DISABLED": "true"}
+    )
     try:
         result = {"rss_idle_mb": rss_mb(server.pid)}
         if args.minutes > 0:

@@ -155,35 +155,40 @@ def offline_reference(audio: np.ndarray, segments: list[Segment], threads: int) 
     return {"cpu_per_audio_second": cpu / (len(audio) / 16000), "wer": jiwer.wer(reference, normalize(text))}
 
 
-def bench_server(audio, segments, streams: int, args) -> dict:
-    port = 50200 + streams
-    target = f"127.0.0.1:{port}"
-    env = {**os.environ, "OTEL_SDK_DISABLED": "true"}
-    if args.telemetry:  # export everything to a real OTLP receiver in this process
-        env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": args.receiver.endpoint}
+def start_server(target: str, *args: str, env: dict | None = None) -> subprocess.Popen:
+    """``stt-engine serve`` on ``target`` in a subprocess, returned once health reports SERVING."""
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "engine",
-            "serve",
-            "--address",
-            target,
-            "--workers",
-            str(args.workers),
-            "--threads",
-            str(args.threads),
-            "--max-streams",
-            str(args.max_streams or max(streams, 32)),
-            "--log-level",
-            "WARNING",
-        ],
+        [sys.executable, "-m", "engine", "serve", "--address", target, "--log-level", "WARNING", *args],
         cwd=REPO,
-        env=env,
+        env={**os.environ, **(env or {})},
     )
     try:
         with SpeechClient(target) as client:
             client.wait_until_serving(120)
+    except BaseException:
+        server.kill()
+        raise
+    return server
+
+
+def bench_server(audio, segments, streams: int, args) -> dict:
+    port = 50200 + streams
+    target = f"127.0.0.1:{port}"
+    env = {"OTEL_SDK_DISABLED": "true"}
+    if args.telemetry:  # export everything to a real OTLP receiver in this process
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": args.receiver.endpoint}
+    max_streams = str(args.max_streams or max(streams, 32))
+    server = start_server(
+        target,
+        "--workers",
+        str(args.workers),
+        "--threads",
+        str(args.threads),
+        "--max-streams",
+        max_streams,
+        env=env,
+    )
+    try:
         rss = [(0.0, rss_mb(server.pid))]
         cpu_before = cpu_seconds(server.pid)
         records = [StreamRecord() for _ in range(streams)]

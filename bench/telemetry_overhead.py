@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.streaming import cpu_seconds, long_form  # noqa: E402
+from bench.streaming import cpu_seconds, long_form, start_server  # noqa: E402
 from engine import __version__  # noqa: E402
 from engine.api import stt_pb2  # noqa: E402
 from engine.audio import float_to_linear16  # noqa: E402
@@ -35,14 +34,8 @@ from tests.otlp_receiver import OtlpReceiver  # noqa: E402
 def serve_and_measure(audio, streams: int, speed: float, env: dict, port: int) -> float:
     """Server CPU seconds per audio second for ``streams`` paced streams."""
     target = f"127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve", "--address", target, "--log-level", "WARNING"],
-        cwd=REPO,
-        env={**os.environ, **env},
-    )
+    server = start_server(target, env=env)
     try:
-        with SpeechClient(target) as client:
-            client.wait_until_serving(120)
         before = cpu_seconds(server.pid)
 
         def stream() -> None:
