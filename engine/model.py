@@ -121,7 +121,6 @@ class SpeechModel:
 
         self.options = options
         self.decode_options = decode_options or DecodeOptions()
-        started = time.perf_counter()
         self.path = resolve_model_path(options.model)
         self._whisper = WhisperModel(
             self.path,
@@ -131,7 +130,6 @@ class SpeechModel:
             num_workers=options.workers,
             download_root=options.download_root,
         )
-        self.load_seconds = time.perf_counter() - started
         self.name = options.model if not Path(options.model).exists() else Path(options.model).name
         self.device = self._whisper.model.device
         self._tokenizers: dict[str | None, tuple] = {}

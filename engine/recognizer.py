@@ -87,10 +87,6 @@ class StreamingRecognizer:
         self._interim_speech_frame = -1  # last speech frame covered by an interim
 
     @property
-    def received_seconds(self) -> float:
-        return (self._buffer_start + len(self._buffer)) / TARGET_SAMPLE_RATE
-
-    @property
     def in_speech(self) -> bool:
         return self._confirmed
 
@@ -172,7 +168,7 @@ class StreamingRecognizer:
         window = self._probs[-self._search_frames :]
         cut_frame = frame - len(window) + 1 + int(np.argmin(window))
         cut_sample = (cut_frame + 1) * FRAME_SAMPLES
-        events.append(self._end_utterance(cut_sample, cut_sample, "max_length", keep_from=cut_sample))
+        events.append(self._end_utterance(cut_sample, cut_sample, "max_length"))
         self._triggered = True
         self._start_frame = cut_frame + 1
         self._last_speech_frame = frame
@@ -183,9 +179,7 @@ class StreamingRecognizer:
     def _utterance_start_sample(self) -> int:
         return max(self._buffer_start, self._start_frame * FRAME_SAMPLES - self._pad)
 
-    def _end_utterance(
-        self, end_sample: int, speech_end_sample: int, reason: str, keep_from: int | None = None
-    ) -> UtteranceEnded:
+    def _end_utterance(self, end_sample: int, speech_end_sample: int, reason: str) -> UtteranceEnded:
         start = self._utterance_start_sample()
         event = UtteranceEnded(
             self.utterance_index,
@@ -199,7 +193,7 @@ class StreamingRecognizer:
         self._reset_utterance()
         # Audio before the end is dropped, so the next utterance's pre-roll can never
         # reach back into this one: no word is decoded twice.
-        self._trim(keep_from if keep_from is not None else end_sample)
+        self._trim(end_sample)
         return event
 
     def _slice(self, start: int, end: int) -> np.ndarray:

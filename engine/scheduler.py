@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,6 +29,7 @@ class DecodeObserver(Protocol):
     def dequeued(self, waited: float) -> None: ...
     def run(self, function: Any, *args: Any) -> Any: ...
     def finished(self, hypothesis: Hypothesis) -> None: ...
+    def skipped(self, reason: str) -> None: ...
     def failed(self, error: BaseException) -> None: ...
 
 
@@ -46,6 +46,9 @@ class _Unobserved:
     def finished(self, hypothesis) -> None:
         pass
 
+    def skipped(self, reason: str) -> None:
+        pass
+
     def failed(self, error) -> None:
         pass
 
@@ -55,12 +58,6 @@ UNOBSERVED = _Unobserved()
 
 class StaleInterim(Exception):
     """An interim waited too long in the queue and was dropped unrun."""
-
-
-@dataclass
-class DecodeOutcome:
-    hypothesis: Hypothesis
-    queue_seconds: float
 
 
 class InferenceScheduler:
@@ -76,7 +73,6 @@ class InferenceScheduler:
         self._queue: asyncio.PriorityQueue | None = None
         self._tasks: list[asyncio.Task] = []
         self._order = itertools.count()
-        self.busy_workers = 0
 
     @property
     def queue_depth(self) -> int:
@@ -99,7 +95,7 @@ class InferenceScheduler:
 
     async def decode(
         self, audio: np.ndarray, request: DecodeRequest, observer: DecodeObserver | None = None
-    ) -> DecodeOutcome:
+    ) -> Hypothesis:
         """Queues a decode and waits for it; cancelling the caller drops a queued job."""
         assert self._queue is not None, "scheduler not started"
         observer = observer or UNOBSERVED
@@ -117,18 +113,16 @@ class InferenceScheduler:
             _, _, queued_at, future, audio, request, observer = await self._queue.get()
             self._finals_queued -= request.final
             if future.done():  # the stream gave up on it (cancelled or closed)
-                observer.failed(asyncio.CancelledError())
+                observer.skipped("cancelled")
                 continue
             waited = time.perf_counter() - queued_at
             observer.dequeued(waited)
             if not request.final and waited > self.max_interim_wait:
                 # Behind: skip it; the stream's next interim or its final covers this audio.
                 self.stale_interims += 1
-                error = StaleInterim(f"interim waited {waited:.2f} s")
-                observer.failed(error)
-                future.set_exception(error)
+                observer.skipped("stale")
+                future.set_exception(StaleInterim(f"interim waited {waited:.2f} s"))
                 continue
-            self.busy_workers += 1
             try:
                 hypothesis = await loop.run_in_executor(
                     self._executor, observer.run, self.model.decode, audio, request
@@ -140,6 +134,4 @@ class InferenceScheduler:
             else:
                 observer.finished(hypothesis)
                 if not future.done():
-                    future.set_result(DecodeOutcome(hypothesis, waited))
-            finally:
-                self.busy_workers -= 1
+                    future.set_result(hypothesis)

@@ -96,7 +96,6 @@ class StreamSession:
         self._interim: asyncio.Task | None = None
         self._finals: list[asyncio.Task] = []
         self._agreement = LocalAgreement()
-        self._received_bytes = 0
         self._received_seconds = 0.0
         self._stopping = False
         self._single_utterance_done = False
@@ -228,7 +227,6 @@ class StreamSession:
             data = data[: int(allowed * self._decoder.sample_rate) * frame]
             seconds = self._decoder.seconds(len(data))
         offset = self._received_seconds
-        self._received_bytes += len(data)
         self._received_seconds += seconds
         keep_reading = self._handle(self._recognizer.accept(self._decoder.decode(data)))
         self.telemetry.chunk(
@@ -300,7 +298,7 @@ class StreamSession:
         request = self._request(final=False, prefix=self._agreement.stable_text)
         observer = self.telemetry.decode("interim", event.utterance_index, event.start, event.end)
         try:
-            outcome = await self.scheduler.decode(event.audio, request, observer)
+            hypothesis = await self.scheduler.decode(event.audio, request, observer)
         except StaleInterim:
             return  # the server is behind; interims thin out, finals do not
         except Exception:
@@ -308,15 +306,15 @@ class StreamSession:
             return
         if event.utterance_index != self._recognizer.utterance_index:
             return  # the utterance ended meanwhile; its final supersedes this
-        if not outcome.hypothesis.text:
+        if not hypothesis.text:
             return
-        text, stability = self._agreement.update(outcome.hypothesis.text)
+        text, stability = self._agreement.update(hypothesis.text)
         self._put(
             stt_pb2.StreamingRecognizeResponse(
                 result=stt_pb2.StreamingRecognitionResult(
                     alternatives=[
                         stt_pb2.SpeechRecognitionAlternative(
-                            transcript=text, confidence=outcome.hypothesis.confidence
+                            transcript=text, confidence=hypothesis.confidence
                         )
                     ],
                     is_final=False,
@@ -325,7 +323,7 @@ class StreamSession:
                     result_start_offset=duration(event.start),
                     result_end_offset=duration(event.end),
                     utterance_index=event.utterance_index,
-                    language_code=outcome.hypothesis.language,
+                    language_code=hypothesis.language,
                 )
             )
         )
@@ -349,15 +347,13 @@ class StreamSession:
         self, event: UtteranceEnded, decode: asyncio.Future, previous: asyncio.Task | None
     ) -> None:
         try:
-            outcome = await decode
+            hypothesis = await decode
         finally:
             if previous is not None:
                 await asyncio.wait([previous])  # results leave in utterance order
-        if outcome.hypothesis.is_speech:
+        if hypothesis.is_speech:
             self._put(
-                stt_pb2.StreamingRecognizeResponse(
-                    result=final_result(outcome.hypothesis, event, self.settings)
-                )
+                stt_pb2.StreamingRecognizeResponse(result=final_result(hypothesis, event, self.settings))
             )
             self.telemetry.final_sent(event.utterance_index, event.speech_end)
         else:
@@ -395,14 +391,14 @@ async def recognize(
         word_timestamps=settings.word_time_offsets,
         alternatives=settings.alternatives,
     )
-    outcomes = await asyncio.gather(
+    hypotheses = await asyncio.gather(
         *(
             scheduler.decode(e.audio, request, telemetry.decode("final", e.utterance_index, e.start, e.end))
             for e in events
         )
     )
     response = stt_pb2.RecognizeResponse(total_billed_time=duration(decoder.seconds(len(audio_content))))
-    for event, outcome in zip(events, outcomes):
-        if outcome.hypothesis.is_speech:
-            response.results.append(final_result(outcome.hypothesis, event, settings))
+    for event, hypothesis in zip(events, hypotheses):
+        if hypothesis.is_speech:
+            response.results.append(final_result(hypothesis, event, settings))
     return response

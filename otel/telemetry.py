@@ -575,14 +575,14 @@ class DecodeTelemetry:
             self.span.set_attribute("stt.transcript", h.text)
         self.span.end()
 
-    def failed(self, error: BaseException) -> None:
+    def skipped(self, reason: str) -> None:
+        """Dropped unrun: ``stale`` (waited too long) or ``cancelled`` (its stream gave up)."""
         self.dequeued(0.0)
-        if type(error).__name__ == "StaleInterim":
-            self.span.set_attribute("stt.decode.skipped", "stale")
-        elif not isinstance(error, Exception):
-            self.span.set_attribute("stt.decode.cancelled", True)
-        else:
-            self.span.record_exception(error)
-            self.span.set_status(Status(StatusCode.ERROR, type(error).__name__))
-            self.span.set_attribute("error.type", type(error).__name__)
+        self.span.set_attribute("stt.decode.skipped", reason)
+        self.span.end()
+
+    def failed(self, error: BaseException) -> None:
+        self.span.record_exception(error)
+        self.span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+        self.span.set_attribute("error.type", type(error).__name__)
         self.span.end()
