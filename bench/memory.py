@@ -69,7 +69,7 @@ def long_stream(target: str, pid: int, minutes: float, speed: float) -> dict:
     }
 
 
-def short_streams(target: str, pid: int, count: int) -> dict:
+def short_streams(target: str, pid: int, count: int, idle_seconds: float = 12.0) -> dict:
     audio = read_audio_file(REPO / "engine" / "samples" / "jfk.wav")[: 16000 * 3]
     rss_after: dict[int, float] = {}
     done = [0]
@@ -80,17 +80,20 @@ def short_streams(target: str, pid: int, count: int) -> dict:
             text = final_transcripts(client.stream_audio(audio, StreamConfig(), realtime=False))
         with lock:
             done[0] += 1
-            if done[0] in (100, count // 2, count):
+            if done[0] % 100 == 0 or done[0] == count:
                 rss_after[done[0]] = rss_mb(pid)
         return len(text)
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(one, range(count)))
+    time.sleep(idle_seconds)  # freed memory goes back to the OS on the server's schedule
+    rss_idle_after = rss_mb(pid)
     return {
         "streams": count,
         "streams_with_text": sum(1 for r in results if r),
         "rss_after_mb": rss_after,
         "growth_100_to_end_mb": rss_after[count] - rss_after[100],
+        "rss_idle_after_mb": rss_idle_after,
     }
 
 

@@ -186,6 +186,7 @@ def bench_server(audio, segments, streams: int, args) -> dict:
         str(args.threads),
         "--max-streams",
         max_streams,
+        *args.server_arg,
         env=env,
     )
     try:
@@ -235,6 +236,12 @@ def main() -> None:
         type=int,
         default=None,
         help="server admission limit (overload: the rest are refused)",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra `stt-engine serve` argument, repeatable (e.g. --server-arg=--speculative-final-ms=0)",
     )
     args = parser.parse_args()
     if args.telemetry:

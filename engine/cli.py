@@ -33,6 +33,7 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
         defaults.default_streaming,
         silence_duration_ms=args.silence_ms,
         interim_interval_ms=args.interim_interval_ms,
+        speculative_final_ms=args.speculative_final_ms,
     )
     server = ServerOptions(
         address=args.address,
@@ -41,6 +42,7 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
         max_chunk_bytes=args.max_chunk_bytes,
         drain_seconds=args.drain_seconds,
         default_streaming=streaming,
+        memory_release_seconds=args.memory_release_seconds,
     )
     model = ModelOptions(
         model=args.model,
@@ -85,7 +87,19 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-chunk-bytes", type=int, default=int(e("max_chunk_bytes", "1048576")))
     parser.add_argument("--drain-seconds", type=float, default=float(e("drain_seconds", "30")))
     parser.add_argument(
+        "--memory-release-seconds",
+        type=float,
+        default=float(e("memory_release_seconds", "10")),
+        help="return freed heap memory to the OS this often (glibc malloc_trim; 0: never)",
+    )
+    parser.add_argument(
         "--silence-ms", type=int, default=int(e("silence_ms", "700")), help="default endpoint silence"
+    )
+    parser.add_argument(
+        "--speculative-final-ms",
+        type=int,
+        default=int(e("speculative_final_ms", "400")),
+        help="start the final decode after this much silence, before the endpoint (0: off)",
     )
     parser.add_argument("--interim-interval-ms", type=int, default=int(e("interim_interval_ms", "1000")))
     parser.add_argument("--log-level", default=e("log_level", "INFO"))

@@ -101,6 +101,11 @@ class StreamingOptions:
         interim_interval_ms: new speech audio between two interim decodes. Each interim
             re-decodes the whole utterance so far, so this sets most of the CPU cost.
         single_utterance: end the stream after the first utterance.
+        speculative_final_ms: trailing silence after which the final decode starts before
+            the endpoint is certain. The final's audio ends ``speech_pad_ms`` after the
+            speech, so once this much silence has passed that audio is complete; if speech
+            resumes before ``silence_duration_ms`` the decode is discarded. It hides up to
+            ``silence_duration_ms - speculative_final_ms`` of decode time; 0 disables it.
     """
 
     speech_threshold: float = 0.5
@@ -113,6 +118,7 @@ class StreamingOptions:
     first_interim_ms: int = 500
     interim_interval_ms: int = 1000
     single_utterance: bool = False
+    speculative_final_ms: int = 400
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,8 @@ class ServerOptions:
             are finalised and closed.
         default_streaming: defaults for what a client's config leaves unset.
         decode: decoder settings.
+        memory_release_seconds: how often freed heap memory is returned to the OS
+            (glibc ``malloc_trim``); without it RSS creeps up across many streams. 0 disables.
     """
 
     address: str = "0.0.0.0:50051"
@@ -140,6 +148,7 @@ class ServerOptions:
     drain_seconds: float = 30.0
     default_streaming: StreamingOptions = field(default_factory=StreamingOptions)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
+    memory_release_seconds: float = 10.0
 
 
 def env_default(name: str, default: str) -> str:

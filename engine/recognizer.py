@@ -37,6 +37,27 @@ class InterimDue:
 
 
 @dataclass
+class EndpointLikely:
+    """Speech paused long enough that the utterance's final audio is complete.
+
+    The endpoint is not certain yet: if the silence lasts ``silence_duration_ms`` the
+    utterance ends with exactly this audio, so its final decode can start now.
+    """
+
+    utterance_index: int
+    audio: np.ndarray
+    start: float
+    end: float
+
+
+@dataclass
+class SpeechResumed:
+    """Speech came back after an ``EndpointLikely``: that audio is no longer final."""
+
+    utterance_index: int
+
+
+@dataclass
 class UtteranceEnded:
     """An utterance is complete and ready for its final decode.
 
@@ -52,7 +73,54 @@ class UtteranceEnded:
     reason: str
 
 
-Event = SpeechStarted | InterimDue | UtteranceEnded
+Event = SpeechStarted | InterimDue | EndpointLikely | SpeechResumed | UtteranceEnded
+
+
+class AudioBuffer:
+    """Samples addressed by absolute index, appended and trimmed without per-chunk copies.
+
+    Storage grows by doubling and is compacted in place, so appending a 100 ms chunk
+    costs its own length, not the length of the open utterance.
+    """
+
+    def __init__(self) -> None:
+        self._data = np.zeros(1 << 15, dtype=np.float32)
+        self._head = 0  # position of ``start`` in _data
+        self._length = 0
+        self.start = 0  # absolute index of the first sample held
+
+    @property
+    def end(self) -> int:
+        """Absolute index one past the last sample held."""
+        return self.start + self._length
+
+    def append(self, samples: np.ndarray) -> None:
+        needed = self._length + len(samples)
+        if self._head + needed > len(self._data):
+            if needed > len(self._data) // 2:
+                grown = np.zeros(max(2 * len(self._data), needed), dtype=np.float32)
+                grown[: self._length] = self._data[self._head : self._head + self._length]
+                self._data = grown
+            else:
+                self._data[: self._length] = self._data[self._head : self._head + self._length]
+            self._head = 0
+        tail = self._head + self._length
+        self._data[tail : tail + len(samples)] = samples
+        self._length = needed
+
+    def slice(self, start: int, end: int) -> np.ndarray:
+        """A copy of samples [start, end), clipped to what is held."""
+        lo = min(self._length, max(0, start - self.start))
+        hi = min(self._length, max(lo, end - self.start))
+        return self._data[self._head + lo : self._head + hi].copy()
+
+    def trim(self, keep_from: int) -> None:
+        """Forgets samples before ``keep_from``."""
+        drop = min(self._length, keep_from - self.start)
+        if drop > 0:
+            self._head += drop
+            self._length -= drop
+            self.start += drop
 
 
 class StreamingRecognizer:
@@ -62,11 +130,17 @@ class StreamingRecognizer:
         self.options = options
         self._vad = StreamingVad()
         self._frames_done = 0
-        self._buffer = np.zeros(0, dtype=np.float32)
-        self._buffer_start = 0  # absolute sample index of _buffer[0]
+        self._buffer = AudioBuffer()
         self._pad = int(options.speech_pad_ms * TARGET_SAMPLE_RATE / 1000)
         self._silence_frames = max(1, round(options.silence_duration_ms / 1000 / FRAME_SECONDS))
         self._min_speech_frames = max(1, round(options.min_speech_ms / 1000 / FRAME_SECONDS))
+        # Speculation needs the padded final audio complete: silence longer than the pad.
+        speculative = options.speculative_final_ms
+        self._speculative_frames = (
+            max(round(speculative / 1000 / FRAME_SECONDS), int(self._pad / FRAME_SAMPLES) + 1)
+            if 0 < speculative < options.silence_duration_ms
+            else 0
+        )
         self._max_frames = round(options.max_utterance_ms / 1000 / FRAME_SECONDS)
         self._search_frames = round(options.split_search_ms / 1000 / FRAME_SECONDS)
         self._interim_samples = int(options.interim_interval_ms * TARGET_SAMPLE_RATE / 1000)
@@ -85,6 +159,7 @@ class StreamingRecognizer:
         self._probs: list[float] = []  # probabilities of the open utterance's frames
         self._next_interim_sample = 0
         self._interim_speech_frame = -1  # last speech frame covered by an interim
+        self._speculating = False  # an EndpointLikely is out for the current pause
 
     @property
     def in_speech(self) -> bool:
@@ -94,13 +169,13 @@ class StreamingRecognizer:
         """Adds audio; returns the events it caused, in order."""
         if len(samples) == 0:
             return []
-        self._buffer = np.concatenate([self._buffer, samples])
+        self._buffer.append(samples)
         events: list[Event] = []
         for prob in self._vad.process(samples):
             self._on_frame(float(prob), events)
             self._frames_done += 1
         if self._confirmed and self.options.interim_results:
-            end_sample = self._buffer_start + len(self._buffer)
+            end_sample = self._buffer.end
             # Only when the speaker said something since the last one: a pause adds no words.
             fresh_speech = self._last_speech_frame > self._interim_speech_frame
             if end_sample >= self._next_interim_sample and fresh_speech:
@@ -110,23 +185,29 @@ class StreamingRecognizer:
                 events.append(
                     InterimDue(
                         self.utterance_index,
-                        self._slice(start, end_sample),
+                        self._buffer.slice(start, end_sample),
                         start / TARGET_SAMPLE_RATE,
                         end_sample / TARGET_SAMPLE_RATE,
                     )
                 )
         if not self._triggered:
-            self._trim(self._buffer_start + len(self._buffer) - self._pad)
+            self._buffer.trim(self._buffer.end - self._pad)
         return events
 
     def finish(self) -> list[Event]:
         """End of input: the open utterance, if it holds speech, becomes final."""
         if self._triggered and self._speech_frames >= self._min_speech_frames:
-            end_sample = self._buffer_start + len(self._buffer)
+            end_sample = self._buffer.end
+            speech_end = end_sample
+            if self._speculating:
+                # Silent since the speculation: end where the endpoint would have, so the
+                # speculative decode is the final.
+                speech_end = (self._last_speech_frame + 1) * FRAME_SAMPLES
+                end_sample = min(end_sample, speech_end + self._pad)
             events: list[Event] = []
             if not self._confirmed:
                 self._confirm(events)
-            events.append(self._end_utterance(end_sample, end_sample, "end_of_stream"))
+            events.append(self._end_utterance(end_sample, speech_end, "end_of_stream"))
             return events
         self._reset_utterance()
         return []
@@ -142,12 +223,16 @@ class StreamingRecognizer:
                 self._probs = [prob]
             return
         self._probs.append(prob)
+        silent_frames = frame - self._last_speech_frame
         if prob >= threshold:
+            if self._speculating:
+                self._speculating = False
+                events.append(SpeechResumed(self.utterance_index))
             self._last_speech_frame = frame
             self._speech_frames += 1
             if not self._confirmed and self._speech_frames >= self._min_speech_frames:
                 self._confirm(events)
-        elif prob < threshold - HYSTERESIS and frame - self._last_speech_frame >= self._silence_frames:
+        elif prob < threshold - HYSTERESIS and silent_frames >= self._silence_frames:
             if self._confirmed:
                 speech_end = (self._last_speech_frame + 1) * FRAME_SAMPLES
                 end = min(speech_end + self._pad, (frame + 1) * FRAME_SAMPLES)
@@ -155,6 +240,19 @@ class StreamingRecognizer:
             else:
                 self._reset_utterance()  # a click or breath, not speech
             return
+        elif self._confirmed and not self._speculating and 0 < self._speculative_frames <= silent_frames:
+            # The same bounds _end_utterance will use if the silence holds.
+            self._speculating = True
+            start = self._utterance_start_sample()
+            end = (self._last_speech_frame + 1) * FRAME_SAMPLES + self._pad
+            events.append(
+                EndpointLikely(
+                    self.utterance_index,
+                    self._buffer.slice(start, end),
+                    start / TARGET_SAMPLE_RATE,
+                    end / TARGET_SAMPLE_RATE,
+                )
+            )
         if self._confirmed and frame - self._start_frame >= self._max_frames:
             self._split(frame, events)
 
@@ -174,16 +272,17 @@ class StreamingRecognizer:
         self._last_speech_frame = frame
         self._speech_frames = self._min_speech_frames
         self._probs = self._probs[len(self._probs) - (frame - cut_frame) :]
+        self._speculating = False
         self._confirm(events)
 
     def _utterance_start_sample(self) -> int:
-        return max(self._buffer_start, self._start_frame * FRAME_SAMPLES - self._pad)
+        return max(self._buffer.start, self._start_frame * FRAME_SAMPLES - self._pad)
 
     def _end_utterance(self, end_sample: int, speech_end_sample: int, reason: str) -> UtteranceEnded:
         start = self._utterance_start_sample()
         event = UtteranceEnded(
             self.utterance_index,
-            self._slice(start, end_sample),
+            self._buffer.slice(start, end_sample),
             start / TARGET_SAMPLE_RATE,
             end_sample / TARGET_SAMPLE_RATE,
             speech_end_sample / TARGET_SAMPLE_RATE,
@@ -193,19 +292,8 @@ class StreamingRecognizer:
         self._reset_utterance()
         # Audio before the end is dropped, so the next utterance's pre-roll can never
         # reach back into this one: no word is decoded twice.
-        self._trim(end_sample)
+        self._buffer.trim(end_sample)
         return event
-
-    def _slice(self, start: int, end: int) -> np.ndarray:
-        lo = max(0, start - self._buffer_start)
-        hi = max(lo, end - self._buffer_start)
-        return self._buffer[lo:hi].copy()
-
-    def _trim(self, keep_from: int) -> None:
-        drop = keep_from - self._buffer_start
-        if drop > 0:
-            self._buffer = self._buffer[drop:]
-            self._buffer_start += drop
 
 
 _WORD_KEY = re.compile(r"[^\w']+")

@@ -20,6 +20,7 @@ from otel import Telemetry, TelemetryOptions
 
 from . import __version__
 from .api import stt_pb2_grpc
+from .memory import can_release_memory, release_periodically
 from .model import SpeechModel
 from .options import ModelOptions, ServerOptions
 from .scheduler import InferenceScheduler
@@ -47,6 +48,7 @@ class SttServer:
         self.port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._scheduler: InferenceScheduler | None = None
+        self._memory_release: asyncio.Task | None = None
         self._stopped = asyncio.Event()
 
     async def start(self) -> int:
@@ -97,6 +99,10 @@ class SttServer:
         )
         self._scheduler.start()
         self.service.attach(model, self._scheduler)
+        if self.options.memory_release_seconds > 0 and can_release_memory():
+            self._memory_release = asyncio.create_task(
+                release_periodically(self.options.memory_release_seconds)
+            )
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         logger.info(
@@ -131,6 +137,8 @@ class SttServer:
             await asyncio.sleep(0.05)
         if self._server is not None:
             await self._server.stop(grace=1.0)
+        if self._memory_release is not None:
+            self._memory_release.cancel()
         if self._scheduler is not None:
             await self._scheduler.stop()
         if self.model is not None:

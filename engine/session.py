@@ -5,11 +5,16 @@ while decodes run on the inference threads. Finals are decoded as soon as their
 utterance ends (several may run at once) and delivered strictly in utterance
 order. Interims are best effort: at most one in flight per stream, none while a
 final is pending, so they never delay a final or reorder results.
+
+A final decode starts speculatively once a pause is long enough that the final's
+audio is complete (``EndpointLikely``); when the endpoint confirms it, the final is
+that decode, already under way. Speech resuming discards it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -25,8 +30,10 @@ from .errors import SttError, invalid_argument, out_of_range
 from .model import DecodeRequest, Hypothesis, SpeechModel
 from .options import ServerOptions
 from .recognizer import (
+    EndpointLikely,
     InterimDue,
     LocalAgreement,
+    SpeechResumed,
     SpeechStarted,
     StreamingRecognizer,
     UtteranceEnded,
@@ -95,6 +102,7 @@ class StreamSession:
         self._reader: asyncio.Task | None = None
         self._interim: asyncio.Task | None = None
         self._finals: list[asyncio.Task] = []
+        self._speculation: tuple[EndpointLikely, asyncio.Future] | None = None
         self._agreement = LocalAgreement()
         self._received_seconds = 0.0
         self._stopping = False
@@ -152,6 +160,7 @@ class StreamSession:
             self._reader.cancel()
 
     def _close(self) -> None:
+        self._discard_speculation()
         tasks = [self._reader, self._interim, *self._finals]
         for task in tasks:
             if task is not None and not task.done():
@@ -251,6 +260,10 @@ class StreamSession:
                 self._event(stt_pb2.SpeechEvent.SPEECH_STARTED, event.offset, event.utterance_index)
             elif isinstance(event, InterimDue):
                 self._start_interim(event)
+            elif isinstance(event, EndpointLikely):
+                self._speculate_final(event)
+            elif isinstance(event, SpeechResumed):
+                self._discard_speculation()
             elif isinstance(event, UtteranceEnded):
                 self.telemetry.utterance_ended(
                     event.utterance_index, event.start, event.end, event.speech_end, event.reason
@@ -286,7 +299,7 @@ class StreamSession:
 
     def _start_interim(self, event: InterimDue) -> None:
         busy = self._interim is not None and not self._interim.done()
-        if busy or any(not task.done() for task in self._finals):
+        if busy or self._speculation is not None or any(not task.done() for task in self._finals):
             return  # coalesced: the next interim covers this audio too
         if self._out.qsize() >= MAX_QUEUED_INTERIMS:
             return
@@ -329,6 +342,41 @@ class StreamSession:
         )
         self.telemetry.interim_sent(event.utterance_index)
 
+    def _decode_final(self, event: EndpointLikely | UtteranceEnded, speculative: bool) -> asyncio.Future:
+        observer = self.telemetry.decode(
+            "final", event.utterance_index, event.start, event.end, speculative=speculative
+        )
+        return asyncio.ensure_future(self.scheduler.decode(event.audio, self._request(final=True), observer))
+
+    def _speculate_final(self, event: EndpointLikely) -> None:
+        if self._interim is not None and not self._interim.done():
+            self._interim.cancel()  # the speculative final covers all of its audio
+        self._speculation = (event, self._decode_final(event, speculative=True))
+
+    def _discard_speculation(self) -> None:
+        if self._speculation is not None:
+            _, decode = self._speculation
+            self._speculation = None
+            decode.cancel()  # unrun: skipped; already running: its result is ignored
+            self.telemetry.speculation_resolved(used=False)
+
+    def _take_speculation(self, event: UtteranceEnded) -> asyncio.Future | None:
+        """The speculative decode, if it decoded exactly this utterance's audio."""
+        if self._speculation is None:
+            return None
+        speculated, decode = self._speculation
+        same_audio = (speculated.utterance_index, speculated.start, speculated.end) == (
+            event.utterance_index,
+            event.start,
+            event.end,
+        )
+        if not same_audio:  # e.g. split at the length limit or ended by end of stream
+            self._discard_speculation()
+            return None
+        self._speculation = None
+        self.telemetry.speculation_resolved(used=True)
+        return decode
+
     def _start_final(self, event: UtteranceEnded) -> None:
         if self._interim is not None and not self._interim.done():
             self._interim.cancel()
@@ -337,10 +385,7 @@ class StreamSession:
         # one stays until _deliver_finals reports it.
         self._finals = [t for t in self._finals if not t.done() or (not t.cancelled() and t.exception())]
         previous = self._finals[-1] if self._finals else None
-        observer = self.telemetry.decode("final", event.utterance_index, event.start, event.end)
-        decode = asyncio.ensure_future(
-            self.scheduler.decode(event.audio, self._request(final=True), observer)
-        )
+        decode = self._take_speculation(event) or self._decode_final(event, speculative=False)
         self._finals.append(asyncio.create_task(self._run_final(event, decode, previous)))
 
     async def _run_final(
@@ -381,7 +426,8 @@ async def recognize(
 ) -> stt_pb2.RecognizeResponse:
     """Unary recognition: segment the whole buffer, decode every utterance."""
     decoder = AudioDecoder(settings.encoding, settings.sample_rate, settings.channels)
-    recognizer = StreamingRecognizer(settings.streaming)
+    # The whole buffer is here: every endpoint is certain, nothing to speculate on.
+    recognizer = StreamingRecognizer(dataclasses.replace(settings.streaming, speculative_final_ms=0))
     samples = np.concatenate([decoder.decode(audio_content), decoder.flush()])
     events = [e for e in recognizer.accept(samples) + recognizer.finish() if isinstance(e, UtteranceEnded)]
     request = DecodeRequest(

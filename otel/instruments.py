@@ -64,6 +64,11 @@ class Instruments:
             description="Model time per second of audio, per stream (above 1: falling behind)",
             explicit_bucket_boundaries_advisory=RATIO_BUCKETS,
         )
+        self.speculative_finals = meter.create_counter(
+            "stt.speculative_finals",
+            unit="{decode}",
+            description="Final decodes started before the endpoint, by outcome (used, discarded)",
+        )
         self.results = meter.create_counter(
             "stt.results", unit="{result}", description="Results sent, by kind"
         )

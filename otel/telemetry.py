@@ -445,8 +445,15 @@ class StreamTelemetry(CallTelemetry):
             self._current_utterance = None
 
     def decode(
-        self, kind: str, utterance_index: int, audio_start: float, audio_end: float, parent=None
+        self,
+        kind: str,
+        utterance_index: int,
+        audio_start: float,
+        audio_end: float,
+        parent=None,
+        speculative: bool = False,
     ) -> DecodeTelemetry:
+        """``speculative``: a final decode started before its endpoint was certain."""
         entry = self._utterances.get(utterance_index)
         links = [
             ctx
@@ -464,7 +471,13 @@ class StreamTelemetry(CallTelemetry):
             audio_end,
             entry[1] if entry else self.span_context,
             links,
+            speculative,
         )
+
+    def speculation_resolved(self, used: bool) -> None:
+        """A speculative final became the final, or speech resumed and it was discarded."""
+        outcome = "used" if used else "discarded"
+        self.instruments.speculative_finals.add(1, {"stt.speculation.outcome": outcome})
 
     def interim_sent(self, utterance_index: int) -> None:
         self.instruments.results.add(1, {"stt.result.kind": "interim"})
@@ -514,6 +527,7 @@ class DecodeTelemetry:
         audio_end: float,
         parent,
         links: list,
+        speculative: bool = False,
     ) -> None:
         self.call = call
         self.kind = kind
@@ -528,6 +542,7 @@ class DecodeTelemetry:
                 "stt.decode.audio_start_offset": audio_start,
                 "stt.decode.audio_end_offset": audio_end,
                 "stt.decode.linked_chunks": len(links),
+                "stt.decode.speculative": speculative,
             },
         )
         self._context = trace.set_span_in_context(self.span)

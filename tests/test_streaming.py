@@ -13,6 +13,8 @@ import pytest
 from engine.api import stt_pb2
 from engine.audio import float_to_linear16, read_audio_file
 from engine.client import SpeechClient, StreamConfig, chunk_bytes, final_transcripts
+from engine.options import StreamingOptions
+from engine.recognizer import SpeechResumed, StreamingRecognizer, UtteranceEnded
 from tests.conftest import JFK_TEXT, wer
 
 
@@ -248,3 +250,21 @@ def test_linear16_bytes_helper_roundtrip():
     samples = np.linspace(-1, 1, 101, dtype=np.float32)
     back = np.frombuffer(float_to_linear16(samples), "<i2") / 32767
     assert np.allclose(back, samples, atol=1e-4)
+
+
+def test_speech_after_a_long_pause_continues_the_utterance(server, jfk):
+    # 1 s more silence in JFK's first pause, inside a 3 s endpoint: the final decode started
+    # speculatively during the pause is discarded when speech resumes; one utterance, whole.
+    recognizer = StreamingRecognizer(StreamingOptions())
+    first_end = next(e for e in recognizer.accept(jfk) if isinstance(e, UtteranceEnded)).end
+    cut = int(first_end * 16000)
+    audio = np.concatenate(
+        [jfk[:cut], np.zeros(16000, np.float32), jfk[cut:], np.zeros(16000 * 4, np.float32)]
+    )
+    paused = StreamingRecognizer(StreamingOptions(silence_duration_ms=3000)).accept(audio)
+    assert any(isinstance(e, SpeechResumed) for e in paused)  # the stream takes that path
+    config = StreamConfig(silence_duration_ms=3000, interim_results=False)
+    responses, _ = stream_clip(server.target, audio, config)
+    finals = [r.result.alternatives[0].transcript for r in responses if r.HasField("result")]
+    assert len(finals) == 1, finals
+    assert wer([JFK_TEXT], finals) < 0.1, finals

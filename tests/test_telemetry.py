@@ -171,6 +171,7 @@ def test_metrics_arrive_with_sane_values(traced):
         "stt.final.latency",
         "stt.realtime_factor",
         "stt.results",
+        "stt.speculative_finals",
         "stt.errors",
         "stt.inference.queue.depth",
         "stt.inference.queue.wait",
@@ -203,6 +204,21 @@ def test_metrics_arrive_with_sane_values(traced):
     # Exemplars on the latency histograms carry the stream's trace id.
     exemplar_traces = {e.trace_id.hex() for p in points["stt.final.latency"] for e in p.exemplars}
     assert traced["trace_id"] in exemplar_traces
+
+
+def test_finals_start_before_the_endpoint_is_certain(traced):
+    spans = stream_spans(traced)
+    utterances = {s.span_id: attributes(s) for s in spans if s.name == "stt.utterance"}
+    silence_ended = {i for i, a in utterances.items() if a["stt.utterance.endpoint_reason"] == "silence"}
+    speculated = {
+        s.parent_span_id
+        for s in spans
+        if s.name == "stt.decode.final" and attributes(s)["stt.decode.speculative"]
+    }
+    assert silence_ended and silence_ended <= speculated
+    points = traced["receiver"].metric_points()["stt.speculative_finals"]
+    outcomes = {attributes(p)["stt.speculation.outcome"]: p.as_int for p in points}
+    assert outcomes.get("used", 0) >= len(silence_ended)
 
 
 def test_logs_carry_the_stream_trace_id_from_every_thread(traced):
