@@ -303,6 +303,23 @@ def _word_key(word: str) -> str:
     return _WORD_KEY.sub("", word.lower())
 
 
+def is_repetition_loop(text: str, max_repeats: int = 4) -> bool:
+    """Whether a hypothesis is the same word over and over (``s s s s s``).
+
+    Greedy decodes of the first half second of an utterance sometimes loop like this with
+    high confidence, so neither Whisper's log-prob nor its compression-ratio test catches
+    it (the text is too short). Only interims are filtered; finals use beam search and
+    temperature fallback.
+    """
+    keys = [_word_key(word) for word in text.split()]
+    run = 1
+    for previous, current in zip(keys, keys[1:]):
+        run = run + 1 if current == previous else 1
+        if run >= max_repeats:
+            return True
+    return False
+
+
 class LocalAgreement:
     """LocalAgreement-2 over interim hypotheses of one utterance.
 

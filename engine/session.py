@@ -37,6 +37,7 @@ from .recognizer import (
     SpeechStarted,
     StreamingRecognizer,
     UtteranceEnded,
+    is_repetition_loop,
 )
 from .scheduler import InferenceScheduler, StaleInterim
 from .settings import RecognitionSettings, recognition_settings
@@ -319,8 +320,8 @@ class StreamSession:
             return
         if event.utterance_index != self._recognizer.utterance_index:
             return  # the utterance ended meanwhile; its final supersedes this
-        if not hypothesis.text:
-            return
+        if not hypothesis.text or is_repetition_loop(hypothesis.text):
+            return  # nothing, or a looping guess: the next interim or the final does better
         text, stability = self._agreement.update(hypothesis.text)
         self._put(
             stt_pb2.StreamingRecognizeResponse(

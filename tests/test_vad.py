@@ -12,6 +12,7 @@ from engine.recognizer import (
     SpeechStarted,
     StreamingRecognizer,
     UtteranceEnded,
+    is_repetition_loop,
 )
 from engine.vad import StreamingVad
 
@@ -143,3 +144,10 @@ def test_local_agreement_prefix_only_grows():
     assert text == "And so, my fellow Americans"
     text, _ = agreement.update("completely different words")
     assert text.startswith("And so, my fellow")
+
+
+def test_looping_hypotheses_are_recognised():
+    assert is_repetition_loop("s s s s s s s s s")
+    assert is_repetition_loop("And so, so so so so")
+    assert not is_repetition_loop("And so my fellow Americans")
+    assert not is_repetition_loop("no, no, no")  # three is still speech
