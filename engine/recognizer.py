@@ -71,6 +71,7 @@ class UtteranceEnded:
     end: float
     speech_end: float
     reason: str
+    foreseen: bool = False  # exactly the audio of this utterance's EndpointLikely
 
 
 Event = SpeechStarted | InterimDue | EndpointLikely | SpeechResumed | UtteranceEnded
@@ -287,6 +288,9 @@ class StreamingRecognizer:
             end_sample / TARGET_SAMPLE_RATE,
             speech_end_sample / TARGET_SAMPLE_RATE,
             reason,
+            # A split cuts elsewhere; a silence or end-of-stream ending during the
+            # speculated pause uses its bounds.
+            foreseen=self._speculating and reason != "max_length",
         )
         self.utterance_index += 1
         self._reset_utterance()

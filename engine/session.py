@@ -103,7 +103,7 @@ class StreamSession:
         self._reader: asyncio.Task | None = None
         self._interim: asyncio.Task | None = None
         self._finals: list[asyncio.Task] = []
-        self._speculation: tuple[EndpointLikely, asyncio.Future] | None = None
+        self._speculation: asyncio.Future | None = None  # a final decode started in a pause
         self._agreement = LocalAgreement()
         self._received_seconds = 0.0
         self._stopping = False
@@ -352,29 +352,20 @@ class StreamSession:
     def _speculate_final(self, event: EndpointLikely) -> None:
         if self._interim is not None and not self._interim.done():
             self._interim.cancel()  # the speculative final covers all of its audio
-        self._speculation = (event, self._decode_final(event, speculative=True))
+        self._speculation = self._decode_final(event, speculative=True)
 
     def _discard_speculation(self) -> None:
         if self._speculation is not None:
-            _, decode = self._speculation
+            self._speculation.cancel()  # unrun: skipped; already running: its result is ignored
             self._speculation = None
-            decode.cancel()  # unrun: skipped; already running: its result is ignored
             self.telemetry.speculation_resolved(used=False)
 
     def _take_speculation(self, event: UtteranceEnded) -> asyncio.Future | None:
-        """The speculative decode, if it decoded exactly this utterance's audio."""
-        if self._speculation is None:
+        """The speculative decode, if the recognizer says it decoded this utterance's audio."""
+        if self._speculation is None or not event.foreseen:
+            self._discard_speculation()  # e.g. split at the length limit
             return None
-        speculated, decode = self._speculation
-        same_audio = (speculated.utterance_index, speculated.start, speculated.end) == (
-            event.utterance_index,
-            event.start,
-            event.end,
-        )
-        if not same_audio:  # e.g. split at the length limit or ended by end of stream
-            self._discard_speculation()
-            return None
-        self._speculation = None
+        decode, self._speculation = self._speculation, None
         self.telemetry.speculation_resolved(used=True)
         return decode
 
