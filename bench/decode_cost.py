@@ -9,6 +9,7 @@ setting to see what each one is worth.
     python bench/decode_cost.py                                   # the defaults
     python bench/decode_cost.py --blas-threads 2                  # numpy BLAS unrestricted
     python bench/decode_cost.py --interim-min-frames 1000 --interim-interval-ms 700
+    python bench/decode_cost.py --context finals                  # previous text for finals only
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.streaming import long_form  # noqa: E402
+from engine.context import SpokenContext  # noqa: E402
 from engine.model import DecodeRequest, SpeechModel  # noqa: E402
 from engine.options import DecodeOptions, ModelOptions, StreamingOptions  # noqa: E402
 from engine.recognizer import InterimDue, LocalAgreement, StreamingRecognizer, UtteranceEnded  # noqa: E402
@@ -38,6 +40,12 @@ def main() -> None:
     parser.add_argument("--first-interim-ms", type=int, default=StreamingOptions.first_interim_ms)
     parser.add_argument("--blas-threads", type=int, default=1, help="numpy BLAS threads (engine: 1)")
     parser.add_argument("--threads", type=int, default=1, help="CTranslate2 threads")
+    parser.add_argument(
+        "--context",
+        choices=("all", "finals", "none"),
+        default="all",
+        help="which decodes get the previous finals' text as prompt (engine: all)",
+    )
     args = parser.parse_args()
 
     audio, _ = long_form(args.audio_dir, 1.5, 0)
@@ -55,7 +63,7 @@ def main() -> None:
         interim_interval_ms=args.interim_interval_ms,
         first_interim_ms=args.first_interim_ms,
     )
-    recognizer, agreement = StreamingRecognizer(options), LocalAgreement()
+    recognizer, agreement, context = StreamingRecognizer(options), LocalAgreement(), SpokenContext()
     cpu = {"vad": 0.0, "interim": 0.0, "final": 0.0}
     counts = {"interim": 0, "final": 0}
     for start in range(0, len(audio), 1600):
@@ -65,14 +73,15 @@ def main() -> None:
         for event in events:
             began = time.process_time()
             if isinstance(event, InterimDue):
-                text = model.decode(
-                    event.audio, DecodeRequest(final=False, prefix=agreement.stable_text)
-                ).text
+                spoken = context.text if args.context == "all" else ""
+                request = DecodeRequest(final=False, prefix=agreement.stable_text, context=spoken)
+                text = model.decode(event.audio, request).text
                 agreement.update(text)
                 cpu["interim"] += time.process_time() - began
                 counts["interim"] += 1
             elif isinstance(event, UtteranceEnded):
-                model.decode(event.audio, DecodeRequest(final=True))
+                spoken = context.text if args.context != "none" else ""
+                context.add(model.decode(event.audio, DecodeRequest(final=True, context=spoken)))
                 agreement = LocalAgreement()
                 cpu["final"] += time.process_time() - began
                 counts["final"] += 1

@@ -131,5 +131,6 @@ def read_audio_file(path: str | Path) -> np.ndarray:
 
 
 def float_to_linear16(samples: np.ndarray) -> bytes:
-    """16 kHz float32 samples in [-1, 1] to LINEAR16 bytes."""
-    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
+    """Float samples in [-1, 1) to LINEAR16 bytes, the inverse of decoding (x / 32768), so a
+    16-bit recording read as float goes over the wire bit for bit."""
+    return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()

@@ -34,7 +34,10 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
         silence_duration_ms=args.silence_ms,
         interim_interval_ms=args.interim_interval_ms,
         speculative_final_ms=args.speculative_final_ms,
+        vad_refresh_ms=args.vad_refresh_ms,
+        short_utterance_ms=args.short_utterance_ms,
     )
+    decode = dataclasses.replace(defaults.decode, fallback_on_low_logprob=args.fallback == "whisper")
     server = ServerOptions(
         address=args.address,
         max_concurrent_streams=args.max_streams,
@@ -42,6 +45,7 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
         max_chunk_bytes=args.max_chunk_bytes,
         drain_seconds=args.drain_seconds,
         default_streaming=streaming,
+        decode=decode,
         memory_release_seconds=args.memory_release_seconds,
     )
     model = ModelOptions(
@@ -102,6 +106,26 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="start the final decode after this much silence, before the endpoint (0: off)",
     )
     parser.add_argument("--interim-interval-ms", type=int, default=int(e("interim_interval_ms", "1000")))
+    parser.add_argument(
+        "--short-utterance-ms",
+        type=int,
+        default=int(e("short_utterance_ms", "1000")),
+        help="an utterance with less speech than this ends after 1.5 s of silence, not the "
+        "endpoint silence, so a slow speaker's single words are decoded together (0: off)",
+    )
+    parser.add_argument(
+        "--vad-refresh-ms",
+        type=int,
+        default=int(e("vad_refresh_ms", "1000")),
+        help="reset the VAD's recurrent state after this much non-speech (0: never)",
+    )
+    parser.add_argument(
+        "--fallback",
+        choices=("whisper", "loops"),
+        default=e("fallback", "loops"),
+        help="when a final is decoded again by sampling: on a low log-prob or a loop, as Whisper "
+        "does (whisper), or only on a loop (loops)",
+    )
     parser.add_argument("--log-level", default=e("log_level", "INFO"))
     parser.add_argument(
         "--log-format",
@@ -109,22 +133,24 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         default=e("log_format", "text"),
         help="console log format (env STT_LOG_FORMAT)",
     )
+    metrics_port = e("metrics_port", "")
     parser.add_argument(
         "--metrics-port",
         type=int,
-        default=None,
+        default=int(metrics_port) if metrics_port else None,
         help="serve Prometheus metrics on this port (env STT_METRICS_PORT)",
     )
     parser.add_argument(
         "--telemetry-console",
         action="store_true",
-        help="print spans, metrics and logs to the console instead of OTLP",
+        default=e("telemetry_console", "false").strip().lower() in ("1", "true", "yes", "on"),
+        help="print spans, metrics and logs to the console instead of OTLP (env STT_TELEMETRY_CONSOLE)",
     )
     parser.add_argument(
         "--trace-chunks",
         choices=("all", "speech", "none"),
-        default=None,
-        help="which audio chunks get a span (env STT_TRACE_CHUNKS, default all)",
+        default=e("trace_chunks", "all"),
+        help="which audio chunks get a span (env STT_TRACE_CHUNKS)",
     )
 
 

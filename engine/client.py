@@ -59,23 +59,27 @@ def chunk_bytes(data: bytes, chunk_size: int) -> Iterator[bytes]:
         yield data[start : start + chunk_size]
 
 
-def paced(chunks: Iterable[bytes], seconds_per_chunk: float, realtime: bool) -> Iterator[bytes]:
-    """Yields chunks no faster than real time when ``realtime`` (as a microphone would)."""
-    started = time.monotonic()
+def paced(
+    chunks: Iterable[bytes], seconds_per_chunk: float, realtime: bool, started: float | None = None
+) -> Iterator[bytes]:
+    """Yields chunks no faster than real time when ``realtime``, as a microphone would: a
+    chunk leaves when its last sample has been spoken, ``(i + 1) * seconds_per_chunk`` after
+    ``started`` (the ``time.monotonic()`` at which speaking began; default: now)."""
+    started = time.monotonic() if started is None else started
     for index, chunk in enumerate(chunks):
         if realtime:
-            delay = started + index * seconds_per_chunk - time.monotonic()
+            delay = started + (index + 1) * seconds_per_chunk - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
         yield chunk
 
 
 def audio_requests(
-    audio: np.ndarray, chunk_ms: int = 100, realtime: bool = True
+    audio: np.ndarray, chunk_ms: int = 100, realtime: bool = True, started: float | None = None
 ) -> Iterator[stt_pb2.StreamingRecognizeRequest]:
-    """16 kHz float audio as LINEAR16 requests of ``chunk_ms`` each."""
+    """16 kHz float audio as LINEAR16 requests of ``chunk_ms`` each (paced as ``paced``)."""
     size = TARGET_SAMPLE_RATE * chunk_ms // 1000 * 2
-    for chunk in paced(chunk_bytes(float_to_linear16(audio), size), chunk_ms / 1000, realtime):
+    for chunk in paced(chunk_bytes(float_to_linear16(audio), size), chunk_ms / 1000, realtime, started):
         yield stt_pb2.StreamingRecognizeRequest(audio_content=chunk)
 
 
@@ -113,13 +117,15 @@ class SpeechClient:
         chunk_ms: int = 100,
         realtime: bool = True,
         metadata: list[tuple[str, str]] | None = None,
+        started: float | None = None,
     ):
-        """Streams 16 kHz float audio; returns the response iterator / call."""
+        """Streams 16 kHz float audio; returns the response iterator / call. ``started``:
+        the ``time.monotonic()`` the audio's offset 0 corresponds to, for latency figures."""
         config = config or StreamConfig()
 
         def requests() -> Iterator[stt_pb2.StreamingRecognizeRequest]:
             yield config.first_request()
-            yield from audio_requests(audio, chunk_ms, realtime)
+            yield from audio_requests(audio, chunk_ms, realtime, started)
 
         return self.stream(requests(), metadata=metadata)
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .options import TARGET_SAMPLE_RATE, DecodeOptions, ModelOptions
+from .text import compression_ratio, cut_repetition, has_words, is_repetition_loop
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ class DecodeRequest:
         final: final decodes use beam search, fallback and word timings; interim
             decodes are greedy and cheap.
         language: language code, or None to detect it (multilingual models only).
-        prompt: hot words / context given to the decoder as previous text.
+        prompt: the client's hot words / context, given to the decoder as previous text.
+        context: what the stream said before this utterance (its recent finals), given to the
+            decoder after ``prompt``, as offline Whisper conditions on previous text.
         prefix: text the hypothesis must start with (the agreed interim prefix).
         word_timestamps: align words to audio (finals only).
         alternatives: number of hypotheses to return (finals only).
@@ -56,6 +58,7 @@ class DecodeRequest:
     final: bool
     language: str | None = "en"
     prompt: str = ""
+    context: str = ""
     prefix: str = ""
     word_timestamps: bool = False
     alternatives: int = 1
@@ -77,6 +80,8 @@ class Hypothesis:
     encoder_frames: int = 0
     tokens: int = 0
     temperature: float = 0.0
+    failed_checks: bool = False  # what is sent failed Whisper's log-prob or loop checks
+    looped: bool = False  # the text repeated itself and was cut after the loop's first word
     beam_size: int = 1
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -107,9 +112,15 @@ def limit_blas_threads() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
-def compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return len(data) / max(1, len(zlib.compress(data)))
+@dataclass
+class _Attempt:
+    """One temperature's decode in Whisper's fallback."""
+
+    result: object
+    avg_logprob: float
+    temperature: float
+    text: str
+    looping: bool
 
 
 class SpeechModel:
@@ -160,11 +171,11 @@ class SpeechModel:
             self._tokenizers[language] = (tokenizer, list(get_suppressed_tokens(tokenizer, [-1])))
         return self._tokenizers[language]
 
-    def features(self, audio: np.ndarray, min_frames: int) -> tuple[np.ndarray, int]:
+    def features(self, audio: np.ndarray, min_frames: int, padding_frames: int) -> tuple[np.ndarray, int]:
         """Log-mel features padded for the encoder, and the count of real audio frames."""
         mel = self._whisper.feature_extractor(audio)[..., :-1]
         content_frames = min(mel.shape[-1], MAX_ENCODER_FRAMES)
-        wanted = max(content_frames + self.decode_options.tail_padding_frames, min_frames)
+        wanted = max(content_frames + padding_frames, min_frames)
         bucket = self.decode_options.encoder_frames_bucket
         wanted = min(MAX_ENCODER_FRAMES, -(-wanted // bucket) * bucket)
         # Zero features, as faster-whisper's own pad_or_trim uses for the 30 s window.
@@ -177,7 +188,8 @@ class SpeechModel:
         opts = self.decode_options
         started = time.perf_counter()
         min_frames = opts.min_encoder_frames if request.final else opts.interim_min_encoder_frames
-        features, content_frames = self.features(audio, min_frames)
+        padding = opts.final_padding_frames if request.final else opts.tail_padding_frames
+        features, content_frames = self.features(audio, min_frames, padding)
         encoder_output = self._whisper.encode(features)
         encoded = time.perf_counter()
 
@@ -186,20 +198,22 @@ class SpeechModel:
             token, _ = self._whisper.model.detect_language(encoder_output)[0][0]
             language = token[2:-2]
         tokenizer, suppressed_tokens = self._tokenizer(language)
-        previous = tokenizer.encode(" " + request.prompt.strip()) if request.prompt.strip() else []
+        previous = self._previous_tokens(tokenizer, request.prompt, request.context)
+        timestamps = request.final and opts.final_timestamps and not request.prefix
         prompt = self._whisper.get_prompt(
-            tokenizer, previous, without_timestamps=True, prefix=request.prefix or None
+            tokenizer, previous, without_timestamps=not timestamps, prefix=request.prefix or None
         )
         audio_seconds = len(audio) / TARGET_SAMPLE_RATE
         max_length = min(
             self._whisper.max_length,
-            len(prompt) + int(10 + opts.max_tokens_per_second * audio_seconds),
+            len(prompt) + int(10 + opts.max_tokens_per_second * audio_seconds) * (2 if timestamps else 1),
         )
         beam_size = opts.final_beam_size if request.final else opts.interim_beam_size
         temperatures = opts.temperatures if request.final else (0.0,)
         num_hypotheses = max(1, min(request.alternatives, beam_size)) if request.final else 1
 
-        best = None
+        attempts: list[_Attempt] = []
+        chosen = None
         for temperature in temperatures:
             if temperature > 0:
                 sampling = {
@@ -223,40 +237,58 @@ class SpeechModel:
             tokens = result.sequences_ids[0]
             # CTranslate2 returns the length-normalised score; recover Whisper's average.
             avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-            text = tokenizer.decode(tokens).strip()
-            candidate = (result, avg_logprob, temperature, text)
+            text = tokenizer.decode([t for t in tokens if t < tokenizer.eot]).strip()
+            attempt = _Attempt(
+                result,
+                avg_logprob,
+                temperature,
+                text,
+                looping=compression_ratio(text) > opts.compression_ratio_threshold
+                or is_repetition_loop(text),
+            )
             silent = (
                 result.no_speech_prob > opts.no_speech_threshold and avg_logprob < opts.log_prob_threshold
             )
-            repetitive = compression_ratio(text) > opts.compression_ratio_threshold
-            improbable = avg_logprob < opts.log_prob_threshold
-            if best is None or (not repetitive and avg_logprob > best[1]):
-                best = candidate
-            if silent or not (repetitive or improbable):
-                best = candidate
+            improbable = avg_logprob < opts.log_prob_threshold and opts.fallback_on_low_logprob
+            if silent or not (attempt.looping or improbable):
+                chosen = attempt
                 break
+            attempts.append(attempt)
+        failed = chosen is None or chosen.avg_logprob < opts.log_prob_threshold
+        if chosen is None:
+            # Every temperature failed Whisper's checks. Its own choice then: the most probable
+            # attempt among those that do not loop (all of them if every one loops).
+            candidates = [a for a in attempts if not a.looping] or attempts
+            chosen = max(candidates, key=lambda a: a.avg_logprob)
+        result, avg_logprob, temperature = chosen.result, chosen.avg_logprob, chosen.temperature
+        # A loop is never sent: at worst its first word stays, as the honest part of the attempt.
+        text = cut_repetition(chosen.text)
+        confidence = float(np.exp(min(0.0, avg_logprob)))
+        if failed:
+            # Flagged: never above the confidence of an attempt that passes the log-prob check.
+            confidence = min(confidence, float(np.exp(opts.log_prob_threshold)))
 
-        result, avg_logprob, temperature, text = best
         no_speech_prob = float(result.no_speech_prob)
-        is_speech = bool(text) and not (
+        is_speech = has_words(text) and not (
             no_speech_prob > opts.no_speech_threshold and avg_logprob < opts.log_prob_threshold
         )
+        tokens = result.sequences_ids[0] if text == chosen.text else tokenizer.encode(" " + text)
         words: list[Word] = []
         if is_speech and request.final and request.word_timestamps:
-            words = self._align_words(tokenizer, result.sequences_ids[0], encoder_output, content_frames)
+            words = self._align_words(tokenizer, tokens, encoder_output, content_frames)
         logger.debug(
             "%s decode: %.2f s audio, %d encoder frames, %d tokens, %.3f s",
             "final" if request.final else "interim",
             audio_seconds,
             features.shape[-1],
-            len(result.sequences_ids[0]),
+            len(tokens),
             time.perf_counter() - started,
             extra={"stt.decode.kind": "final" if request.final else "interim"},
         )
         hypothesis = Hypothesis(
             text=text if is_speech else "",
-            alternatives=[tokenizer.decode(ids).strip() for ids in result.sequences_ids[1:]],
-            confidence=float(np.exp(min(0.0, avg_logprob))),
+            alternatives=[cut_repetition(tokenizer.decode(ids).strip()) for ids in result.sequences_ids[1:]],
+            confidence=confidence,
             avg_logprob=float(avg_logprob),
             no_speech_prob=no_speech_prob,
             is_speech=is_speech,
@@ -264,13 +296,26 @@ class SpeechModel:
             language=language or "en",
             audio_seconds=audio_seconds,
             encoder_frames=int(features.shape[-1]),
-            tokens=len(result.sequences_ids[0]),
+            tokens=len(tokens),
             temperature=temperature,
+            failed_checks=failed,
+            looped=text != chosen.text,
             beam_size=beam_size if temperature == 0 else 1,
             encode_seconds=encoded - started,
             decode_seconds=time.perf_counter() - encoded,
         )
         return hypothesis
+
+    def _previous_tokens(self, tokenizer, hot_words: str, context: str) -> list[int]:
+        """The "previous text" part of the prompt: the client's hot words (at most half of
+        Whisper's budget), then the end of the stream's context in the room left. Whisper
+        keeps the last ``max_length // 2 - 1`` previous tokens, which would cut the hot words
+        first; this keeps them and cuts the oldest context instead."""
+        budget = self._whisper.max_length // 2 - 1
+        words = tokenizer.encode(" " + hot_words.strip())[: budget // 2] if hot_words.strip() else []
+        spoken = tokenizer.encode(" " + context.strip()) if context.strip() else []
+        room = budget - len(words)
+        return words + (spoken[-room:] if spoken and room > 0 else [])
 
     def _align_words(self, tokenizer, tokens, encoder_output, content_frames) -> list[Word]:
         from faster_whisper.transcribe import merge_punctuations

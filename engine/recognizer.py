@@ -129,11 +129,18 @@ class StreamingRecognizer:
 
     def __init__(self, options: StreamingOptions) -> None:
         self.options = options
-        self._vad = StreamingVad()
+        self._vad = StreamingVad(
+            refresh_frames=round(options.vad_refresh_ms / 1000 / FRAME_SECONDS),
+            quiet_below=options.speech_threshold,
+        )
         self._frames_done = 0
         self._buffer = AudioBuffer()
         self._pad = int(options.speech_pad_ms * TARGET_SAMPLE_RATE / 1000)
         self._silence_frames = max(1, round(options.silence_duration_ms / 1000 / FRAME_SECONDS))
+        self._short_speech_frames = round(options.short_utterance_ms / 1000 / FRAME_SECONDS)
+        self._short_silence_frames = max(
+            self._silence_frames, round(options.short_utterance_silence_ms / 1000 / FRAME_SECONDS)
+        )
         self._min_speech_frames = max(1, round(options.min_speech_ms / 1000 / FRAME_SECONDS))
         # Speculation needs the padded final audio complete: silence longer than the pad.
         speculative = options.speculative_final_ms
@@ -233,7 +240,7 @@ class StreamingRecognizer:
             self._speech_frames += 1
             if not self._confirmed and self._speech_frames >= self._min_speech_frames:
                 self._confirm(events)
-        elif prob < threshold - HYSTERESIS and silent_frames >= self._silence_frames:
+        elif prob < threshold - HYSTERESIS and silent_frames >= self._endpoint_frames():
             if self._confirmed:
                 speech_end = (self._last_speech_frame + 1) * FRAME_SAMPLES
                 end = min(speech_end + self._pad, (frame + 1) * FRAME_SAMPLES)
@@ -241,7 +248,7 @@ class StreamingRecognizer:
             else:
                 self._reset_utterance()  # a click or breath, not speech
             return
-        elif self._confirmed and not self._speculating and 0 < self._speculative_frames <= silent_frames:
+        elif self._confirmed and not self._speculating and 0 < self._speculation_frames() <= silent_frames:
             # The same bounds _end_utterance will use if the silence holds.
             self._speculating = True
             start = self._utterance_start_sample()
@@ -256,6 +263,19 @@ class StreamingRecognizer:
             )
         if self._confirmed and frame - self._start_frame >= self._max_frames:
             self._split(frame, events)
+
+    def _is_short(self) -> bool:
+        return self._speech_frames < self._short_speech_frames
+
+    def _endpoint_frames(self) -> int:
+        """Silence that ends the open utterance: longer while it holds very little speech."""
+        return self._short_silence_frames if self._is_short() else self._silence_frames
+
+    def _speculation_frames(self) -> int:
+        """Silence after which the final decode starts: as long before the endpoint either way."""
+        if not self._speculative_frames or not self._is_short():
+            return self._speculative_frames
+        return self._speculative_frames + self._short_silence_frames - self._silence_frames
 
     def _confirm(self, events: list[Event]) -> None:
         self._confirmed = True

@@ -9,6 +9,10 @@ final is pending, so they never delay a final or reorder results.
 A final decode starts speculatively once a pause is long enough that the final's
 audio is complete (``EndpointLikely``); when the endpoint confirms it, the final is
 that decode, already under way. Speech resuming discards it.
+
+Every decode is conditioned on what the stream said before (``SpokenContext``), as
+offline Whisper conditions on previous text: a final's decode starts once the finals of
+the utterances before it are decoded and their text is in the context.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from google.protobuf import duration_pb2
 
 from .api import stt_pb2
 from .audio import AudioDecoder
+from .context import SpokenContext
 from .errors import SttError, invalid_argument, out_of_range
 from .model import DecodeRequest, Hypothesis, SpeechModel
 from .options import ServerOptions
@@ -37,7 +42,6 @@ from .recognizer import (
     SpeechStarted,
     StreamingRecognizer,
     UtteranceEnded,
-    is_repetition_loop,
 )
 from .scheduler import InferenceScheduler, StaleInterim
 from .settings import RecognitionSettings, recognition_settings
@@ -104,6 +108,9 @@ class StreamSession:
         self._interim: asyncio.Task | None = None
         self._finals: list[asyncio.Task] = []
         self._speculation: asyncio.Future | None = None  # a final decode started in a pause
+        self._context = SpokenContext()
+        # Done once the text of every ended utterance's final is in the context.
+        self._context_ready: asyncio.Future | None = None
         self._agreement = LocalAgreement()
         self._received_seconds = 0.0
         self._stopping = False
@@ -162,7 +169,7 @@ class StreamSession:
 
     def _close(self) -> None:
         self._discard_speculation()
-        tasks = [self._reader, self._interim, *self._finals]
+        tasks = [self._reader, self._interim, self._context_ready, *self._finals]
         for task in tasks:
             if task is not None and not task.done():
                 task.cancel()
@@ -293,6 +300,7 @@ class StreamSession:
             final=final,
             language=self.settings.language,
             prompt=self.settings.prompt,
+            context=self._context.text,
             prefix=prefix,
             word_timestamps=final and self.settings.word_time_offsets,
             alternatives=self.settings.alternatives if final else 1,
@@ -320,7 +328,7 @@ class StreamSession:
             return
         if event.utterance_index != self._recognizer.utterance_index:
             return  # the utterance ended meanwhile; its final supersedes this
-        if not hypothesis.text or is_repetition_loop(hypothesis.text):
+        if not hypothesis.text or hypothesis.looped:
             return  # nothing, or a looping guess: the next interim or the final does better
         text, stability = self._agreement.update(hypothesis.text)
         self._put(
@@ -347,7 +355,25 @@ class StreamSession:
         observer = self.telemetry.decode(
             "final", event.utterance_index, event.start, event.end, speculative=speculative
         )
-        return asyncio.ensure_future(self.scheduler.decode(event.audio, self._request(final=True), observer))
+        return asyncio.ensure_future(self._final_decode(event, observer, self._context_ready))
+
+    async def _final_decode(
+        self, event: EndpointLikely | UtteranceEnded, observer, context_ready: asyncio.Future | None
+    ) -> Hypothesis:
+        if context_ready is not None:
+            await asyncio.shield(context_ready)  # the utterances before this one are in the context
+        return await self.scheduler.decode(event.audio, self._request(final=True), observer)
+
+    async def _remember(self, decode: asyncio.Future, before: asyncio.Future | None) -> None:
+        """Adds an utterance's final to the context, after the finals before it."""
+        if before is not None:
+            await before
+        try:
+            self._context.add(await asyncio.shield(decode))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._context.add(None)  # a failed decode: start afresh
 
     def _speculate_final(self, event: EndpointLikely) -> None:
         if self._interim is not None and not self._interim.done():
@@ -378,6 +404,7 @@ class StreamSession:
         self._finals = [t for t in self._finals if not t.done() or (not t.cancelled() and t.exception())]
         previous = self._finals[-1] if self._finals else None
         decode = self._take_speculation(event) or self._decode_final(event, speculative=False)
+        self._context_ready = asyncio.ensure_future(self._remember(decode, self._context_ready))
         self._finals.append(asyncio.create_task(self._run_final(event, decode, previous)))
 
     async def _run_final(
@@ -422,21 +449,21 @@ async def recognize(
     recognizer = StreamingRecognizer(dataclasses.replace(settings.streaming, speculative_final_ms=0))
     samples = np.concatenate([decoder.decode(audio_content), decoder.flush()])
     events = [e for e in recognizer.accept(samples) + recognizer.finish() if isinstance(e, UtteranceEnded)]
-    request = DecodeRequest(
-        final=True,
-        language=settings.language,
-        prompt=settings.prompt,
-        word_timestamps=settings.word_time_offsets,
-        alternatives=settings.alternatives,
-    )
-    hypotheses = await asyncio.gather(
-        *(
-            scheduler.decode(e.audio, request, telemetry.decode("final", e.utterance_index, e.start, e.end))
-            for e in events
-        )
-    )
+    # One after another, each conditioned on the finals before it, as offline Whisper does.
+    context = SpokenContext()
     response = stt_pb2.RecognizeResponse(total_billed_time=duration(decoder.seconds(len(audio_content))))
-    for event, hypothesis in zip(events, hypotheses):
+    for event in events:
+        request = DecodeRequest(
+            final=True,
+            language=settings.language,
+            prompt=settings.prompt,
+            context=context.text,
+            word_timestamps=settings.word_time_offsets,
+            alternatives=settings.alternatives,
+        )
+        observer = telemetry.decode("final", event.utterance_index, event.start, event.end)
+        hypothesis = await scheduler.decode(event.audio, request, observer)
+        context.add(hypothesis)
         if hypothesis.is_speech:
             response.results.append(final_result(hypothesis, event, settings))
     return response

@@ -579,6 +579,8 @@ class DecodeTelemetry:
                 "stt.decode.beam_size": h.beam_size,
                 "stt.decode.tokens": h.tokens,
                 "stt.decode.temperature": h.temperature,
+                "stt.decode.failed_checks": h.failed_checks,
+                "stt.decode.looped": h.looped,
                 "stt.decode.avg_logprob": h.avg_logprob,
                 "stt.decode.no_speech_prob": h.no_speech_prob,
                 "stt.decode.is_speech": h.is_speech,

@@ -7,7 +7,6 @@ engine's OTLP exporters sent over the wire.
 from __future__ import annotations
 
 import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -89,11 +88,9 @@ class OtlpReceiver(
             ]
 
     def wait_for(self, predicate, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            if time.monotonic() > deadline:
-                raise TimeoutError("the receiver never got what the test waited for")
-            time.sleep(0.1)
+        from tests.helpers import wait_until
+
+        wait_until(predicate, timeout, 0.1, "the OTLP receiver to get what the test waits for")
 
 
 class OtlpHttpReceiver(OtlpReceiver):

@@ -1,25 +1,13 @@
 """Wire-audio decoding against FFmpeg's own G.711 decoders, resampling, odd chunks."""
 
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 
 from engine.api import stt_pb2
 from engine.audio import AudioDecoder, float_to_linear16
-from tests.conftest import SAMPLE
-
-needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg not installed")
+from tests.helpers import SAMPLE, ffmpeg
 
 
-def ffmpeg(*args: str, data: bytes | None = None) -> bytes:
-    return subprocess.run(
-        ["ffmpeg", "-loglevel", "error", *args], input=data, capture_output=True, check=True
-    ).stdout
-
-
-@needs_ffmpeg
 @pytest.mark.parametrize("encoding,fmt", [(stt_pb2.MULAW, "mulaw"), (stt_pb2.ALAW, "alaw")])
 def test_g711_matches_ffmpeg(encoding, fmt):
     encoded = ffmpeg("-i", str(SAMPLE), "-ar", "16000", "-f", fmt, "-")

@@ -16,14 +16,13 @@ Docker itself cannot run here, so images are not built: the files are validated 
 from __future__ import annotations
 
 import copy
+import datetime
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
@@ -35,7 +34,16 @@ import yaml
 
 from engine.audio import read_audio_file
 from engine.client import StreamConfig, final_transcripts
-from tests.conftest import REPO, SAMPLE, ServerProcess, free_port
+from tests.helpers import (
+    REPO,
+    SAMPLE,
+    PrometheusProcess,
+    ServerProcess,
+    free_port,
+    stack_tool,
+    tool,
+    wait_until,
+)
 
 DEPLOY = REPO / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
@@ -49,8 +57,6 @@ COLLECTOR_CONFIG = REPO / "collector-config.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 RUNBOOK = REPO / "docs" / "runbook.md"
 COLLECTOR_VERSION = "0.136.0"  # otel/opentelemetry-collector-contrib image pinned in docker-compose.yml
-
-needs_promtool = pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 
 
 def load_yaml(path: Path):
@@ -139,23 +145,20 @@ def value_expression(expr: str) -> str:
 # --- promtool -------------------------------------------------------------------------------------
 
 
-@needs_promtool
 def test_promtool_check_config():
-    result = run("promtool", "check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
+    result = run(tool("promtool"), "check", "config", str(PROMETHEUS_DIR / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
 
-@needs_promtool
 def test_promtool_check_rules():
-    result = run("promtool", "check", "rules", str(ALERTS))
+    result = run(tool("promtool"), "check", "rules", str(ALERTS))
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
 
 
-@needs_promtool
 def test_promtool_rule_unit_tests_fire_and_do_not_fire_every_alert():
-    result = run("promtool", "test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml"))
+    result = run(tool("promtool"), "test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
 
@@ -199,35 +202,15 @@ def test_every_alert_has_severity_and_a_runbook_section():
 
 @dataclass
 class Live:
-    prometheus_port: int
+    prometheus: PrometheusProcess
     metrics_text: str
     server: ServerProcess
 
     def query(self, expr: str) -> list:
-        url = f"http://127.0.0.1:{self.prometheus_port}/api/v1/query?" + urllib.parse.urlencode(
-            {"query": expr}
-        )
-        with urllib.request.urlopen(url, timeout=10) as response:
-            body = json.load(response)
-        assert body["status"] == "success", body
-        return body["data"]["result"]
-
-    def wait_for(self, expr: str, minimum: float, timeout: float = 30) -> None:
-        """Until Prometheus has scraped a value of ``expr`` of at least ``minimum``."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                result = self.query(expr)
-                if result and float(result[0]["value"][1]) >= minimum:
-                    return
-            except OSError:
-                pass  # Prometheus still starting
-            assert time.monotonic() < deadline, f"Prometheus never saw {expr} >= {minimum}"
-            time.sleep(0.2)
+        return self.prometheus.query(expr)
 
     def api(self, path: str) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.prometheus_port}{path}", timeout=10) as response:
-            return json.load(response)
+        return self.prometheus.api(path)
 
 
 def finite_values(result: list) -> list[float]:
@@ -235,14 +218,20 @@ def finite_values(result: list) -> list[float]:
     return [value for value in values if math.isfinite(value)]
 
 
+def rules_evaluated_since(prometheus: PrometheusProcess, moment: datetime.datetime) -> bool:
+    groups = prometheus.api("/api/v1/rules")["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    return bool(rules) and all(
+        datetime.datetime.fromisoformat(rule["lastEvaluation"][:26].rstrip("Z") + "+00:00") > moment
+        for rule in rules
+    )
+
+
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """Engine (--metrics-port, --max-streams 1) scraped every second by Prometheus with the alert
     rules loaded, after a short fast stream, a real-time stream and two refused streams."""
-    if shutil.which("prometheus") is None:
-        pytest.skip("prometheus not installed")
-    tmp = tmp_path_factory.mktemp("prometheus")
-    metrics_port, prometheus_port = free_port(), free_port()
+    metrics_port = free_port()
     server = ServerProcess(
         "--metrics-port",
         str(metrics_port),
@@ -250,32 +239,17 @@ def live(tmp_path_factory):
         "1",
         env={"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"},
     )
-    config = tmp / "prometheus.yml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                "rule_files": [str(ALERTS)],
-                "scrape_configs": [
-                    {
-                        "job_name": "stt-engine",
-                        "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
-                    }
-                ],
-            }
-        )
+    prometheus = PrometheusProcess(
+        {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": [str(ALERTS)],
+            "scrape_configs": [
+                {"job_name": "stt-engine", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+            ],
+        },
+        tmp_path_factory.mktemp("prometheus"),
     )
-    prometheus = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp / 'data'}",
-            f"--web.listen-address=127.0.0.1:{prometheus_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    live = Live(prometheus_port, "", server)
+    live = Live(prometheus, "", server)
     try:
         server.wait_ready()
         jfk = read_audio_file(SAMPLE)
@@ -284,7 +258,7 @@ def live(tmp_path_factory):
             # stream below then increments, so their rates are not zero.
             assert final_transcripts(client.stream_audio(jfk[: 4 * 16000], StreamConfig(), realtime=False))
             client.server_info()
-        live.wait_for("sum(stt_realtime_factor_count)", 1)
+        prometheus.wait_for("sum(stt_realtime_factor_count)", 1)
         finals: list[str] = []
 
         def stream_in_real_time() -> None:
@@ -293,26 +267,37 @@ def live(tmp_path_factory):
 
         realtime = threading.Thread(target=stream_in_real_time, daemon=True)
         realtime.start()
-        time.sleep(1)
+        wait_until(lambda: server.active_streams() == 1, 10, what="the real-time stream to be admitted")
         with server.client() as client:
             for refusals in (1, 2):  # beyond --max-streams 1: RESOURCE_EXHAUSTED, a server-side error
                 with pytest.raises(grpc.RpcError) as refused:
                     final_transcripts(client.stream_audio(jfk[:16000], StreamConfig(), realtime=False))
                 assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 # Scraped before the next one, so the error counter's rate is not zero.
-                live.wait_for("sum(stt_errors_total)", refusals)
+                prometheus.wait_for("sum(stt_errors_total)", refusals)
         assert realtime.is_alive(), "the real-time stream ended before the refusals"
         realtime.join(timeout=60)
         assert finals, "the real-time stream produced no final"
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
             live.metrics_text = response.read().decode()
-        live.wait_for("sum(stt_realtime_factor_count)", 2)  # the end of the real-time stream
-        time.sleep(2)  # a few more scrapes and rule evaluations
+        prometheus.wait_for("sum(stt_realtime_factor_count)", 2)  # the end of the real-time stream
+        ended = datetime.datetime.now(datetime.UTC)
+        wait_until(lambda: rules_evaluated_since(prometheus, ended), 30, 0.2, "rule evaluations after it")
         yield live
     finally:
-        prometheus.terminate()
-        prometheus.wait(timeout=30)
-        server.stop()
+        prometheus.stop()
+        assert server.stop() == 0
+
+
+def test_prometheus_scrapes_the_engine_and_sees_its_streams(live):
+    up = live.query('up{job="stt-engine"}')
+    assert up and up[0]["value"][1] == "1"
+    p95 = live.query("histogram_quantile(0.95, sum by (le) (rate(stt_final_latency_seconds_bucket[1m])))")
+    assert p95 and 0 < float(p95[0]["value"][1]) < 5
+    finals_total = live.query('sum(stt_results_total{stt_result_kind="final"})')
+    assert float(finals_total[0]["value"][1]) >= 3  # the short stream's and the real-time stream's
+    audio = live.query("sum(stt_audio_received_seconds_total)")
+    assert float(audio[0]["value"][1]) == pytest.approx(15.0, abs=0.1)  # 4 s + 11 s; refusals send none
 
 
 def exported_names(metrics_text: str) -> set[str]:
@@ -359,15 +344,12 @@ def test_every_alert_expression_evaluates_on_real_data(live):
         live.query(rule["expr"])  # the whole rule evaluates (status success)
         value = value_expression(rule["expr"])
         assert finite_values(live.query(value)), f"{rule['alert']}: {value} returned no data"
-    # Prometheus itself loaded the rules file and evaluates every rule without error.
-    deadline = time.monotonic() + 10
-    while True:
-        groups = live.api("/api/v1/rules")["data"]["groups"]
-        rules = [rule for group in groups for rule in group["rules"]]
-        if len(rules) == len(alert_rules()) and all(rule.get("health") == "ok" for rule in rules):
-            break
-        assert time.monotonic() < deadline, [(r["name"], r.get("health"), r.get("lastError")) for r in rules]
-        time.sleep(0.5)
+    # Prometheus itself loaded the rules file and has evaluated every rule without error
+    # (the fixture waited for an evaluation after the traffic).
+    groups = live.api("/api/v1/rules")["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) == len(alert_rules())
+    assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
     # Two refused streams in a minute of real traffic: the error-ratio SLO expression sees them.
     (error_ratio,) = [rule["expr"] for rule in alert_rules() if rule["alert"] == "STTErrorRatioHigh"]
     ratio = finite_values(live.query(value_expression(error_ratio)))
@@ -414,7 +396,8 @@ def k8s_documents() -> dict[str, dict]:
 
 
 def test_kubernetes_manifests_validate_against_the_schemas():
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    import kubernetes_validate
+
     docs = k8s_documents()
     assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
     for version in K8S_VERSIONS:
@@ -431,10 +414,10 @@ def test_kubernetes_manifests_validate_against_the_schemas():
         kubernetes_validate.validate(typo, K8S_VERSIONS[-1], strict=True)
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 def test_kustomization_renders_valid_manifests():
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    result = run("kubectl", "kustomize", str(K8S))
+    import kubernetes_validate
+
+    result = run(stack_tool("kustomize"), "build", str(K8S))
     assert result.returncode == 0, result.stderr
     rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
     assert sorted(doc["kind"] for doc in rendered) == sorted(k8s_documents())
@@ -468,22 +451,20 @@ def test_deployment_probes_drain_and_telemetry():
     assert service["clusterIP"] == "None" and service["ports"][0]["port"] == 50051
     hpa = docs["HorizontalPodAutoscaler"]["spec"]
     assert hpa["metrics"][0]["resource"]["name"] == "cpu"
-    assert "stt_streams_active" in (K8S / "hpa.yaml").read_text()  # the commented custom-metric variant
     assert docs["PodDisruptionBudget"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]
 
 
 # --- docker compose and the Dockerfile ----------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("check-jsonschema") is None, reason="check-jsonschema not installed")
 def test_compose_file_validates_against_the_compose_spec(tmp_path: Path):
-    result = run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
+    result = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
     assert result.returncode == 0, result.stdout + result.stderr
     broken = load_yaml(COMPOSE)
     broken["services"]["engine"]["healthcheck"]["intervall"] = "15s"
     broken_path = tmp_path / "docker-compose.yml"
     broken_path.write_text(yaml.safe_dump(broken))
-    rejected = run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", str(broken_path))
+    rejected = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(broken_path))
     assert rejected.returncode != 0, "the compose schema accepted an unknown key"
 
 
@@ -526,9 +507,7 @@ def test_dockerfile_lints_clean_and_builds_a_non_root_serving_image():
     ignored = [line for line in ignored if line and not line.startswith("#")]
     for needed in ("pyproject.toml", "README.md", "engine", "otel"):
         assert needed not in ignored, needed
-    if shutil.which("hadolint") is None:
-        pytest.skip("hadolint not installed (static checks above passed)")
-    result = run("hadolint", str(DOCKERFILE))
+    result = run(tool("hadolint"), str(DOCKERFILE))
     assert result.returncode == 0, result.stdout + result.stderr
 
 

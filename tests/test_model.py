@@ -3,35 +3,48 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
+import ctranslate2
 import numpy as np
 import pytest
 
 from engine.model import DecodeRequest, SpeechModel
 from engine.options import DecodeOptions, ModelOptions
 from engine.scheduler import InferenceScheduler, StaleInterim
-from tests.conftest import JFK_TEXT, wer
+from engine.text import has_words, is_repetition_loop
+from tests.helpers import JFK_TEXT, wer
+
+CUDA_DEVICES = ctranslate2.get_cuda_device_count()
 
 
 @pytest.fixture(scope="module")
 def model() -> SpeechModel:
-    # "auto" is the GPU code path's entry: CUDA where present, the CPU here.
+    # "auto" picks CUDA where CTranslate2 sees a GPU, the CPU otherwise.
     return SpeechModel(ModelOptions(device="auto", compute_type="default", workers=2))
 
 
 def test_auto_device_loads_and_decodes(model, jfk):
-    assert model.device in ("cpu", "cuda")
+    assert model.device == ("cuda" if CUDA_DEVICES else "cpu")
     hypothesis = model.decode(jfk, DecodeRequest(final=True, word_timestamps=True))
     assert wer([JFK_TEXT], [hypothesis.text]) < 0.1
-    assert hypothesis.encoder_frames == 1200  # 11 s of audio + 1 s of padding, not 3000
+    assert hypothesis.encoder_frames == 2100  # 11 s of audio + 10 s of padding, not 3000
     assert hypothesis.words[0].word == "And" and hypothesis.words[-1].end <= 11.0
+
+
+@pytest.mark.skipif(CUDA_DEVICES == 0, reason="needs an NVIDIA GPU (CTranslate2 sees none)")
+def test_cuda_float16_decodes(jfk):
+    gpu = SpeechModel(ModelOptions(device="cuda", compute_type="float16", workers=1))
+    assert gpu.device == "cuda"
+    hypothesis = gpu.decode(jfk, DecodeRequest(final=True, word_timestamps=True))
+    assert wer([JFK_TEXT], [hypothesis.text]) < 0.1 and hypothesis.encoder_frames == 2100
 
 
 def test_encoder_input_is_sized_to_the_audio(model, jfk):
     short = model.decode(jfk[:32000], DecodeRequest(final=False))
     final = model.decode(jfk[:32000], DecodeRequest(final=True))
     assert short.encoder_frames == DecodeOptions().interim_min_encoder_frames
-    assert final.encoder_frames == DecodeOptions().min_encoder_frames
+    assert final.encoder_frames == 200 + DecodeOptions().final_padding_frames  # 2 s + 10 s
     assert short.beam_size == 1
 
 
@@ -67,3 +80,39 @@ def test_finals_run_before_queued_interims_and_stale_interims_are_dropped(model,
     order, stale = asyncio.run(scenario())
     assert order[:2] == ["first", "final"]  # the final overtook the queued interims
     assert stale >= 1 and any(name.endswith("dropped") for name in order)
+
+
+def borderline_ask_not(jfk: np.ndarray) -> np.ndarray:
+    """ "Ask not" with its onset clipped, 10 dB quieter: without the stream's context its beam
+    decode scores just under Whisper's log-prob threshold (about -1.08), the kind of decode
+    the live server once turned into garbage."""
+    return (jfk[int(3.3 * 16000) : int(4.62 * 16000)] * 0.3).astype(np.float32)
+
+
+def decode_200_times(model: SpeechModel, audio: np.ndarray) -> list:
+    request = DecodeRequest(final=True)
+    with ThreadPoolExecutor(4) as pool:  # four callers on two model workers: always a queue
+        return list(pool.map(lambda _: model.decode(audio, request), range(200)))
+
+
+def test_a_borderline_utterance_is_sent_as_its_beam_result_flagged(jfk):
+    model = SpeechModel(ModelOptions())  # as the server runs it: int8, two workers, loops-only fallback
+    hypotheses = decode_200_times(model, borderline_ask_not(jfk))
+    ceiling = np.exp(DecodeOptions().log_prob_threshold)
+    assert len({h.text for h in hypotheses}) == 1  # the beam result, every time
+    for hypothesis in hypotheses:
+        assert wer(["ask not"], [hypothesis.text]) == 0 and hypothesis.temperature == 0.0, hypothesis.text
+        assert hypothesis.failed_checks and hypothesis.confidence <= ceiling + 1e-9
+
+
+def test_whispers_fallback_never_sends_a_loop_or_a_text_without_words(jfk):
+    # With Whisper's policy every one of these finals is sampled again at higher temperatures.
+    # That produced ". . . . . . .", "S X X X X X X X X X X X", "S 0 s 0 s 0 s 0 s 0 s s" and
+    # "I''''''''''" about once in a hundred decodes, scored well enough to pass its checks.
+    model = SpeechModel(ModelOptions(), DecodeOptions(fallback_on_low_logprob=True))
+    hypotheses = decode_200_times(model, borderline_ask_not(jfk))
+    assert sum(h.temperature > 0 or h.failed_checks for h in hypotheses) >= 150  # the fallback ran
+    for hypothesis in hypotheses:
+        assert has_words(hypothesis.text) and not is_repetition_loop(hypothesis.text), hypothesis.text
+        if hypothesis.failed_checks:  # flagged: no more confident than Whisper's threshold
+            assert hypothesis.confidence <= np.exp(DecodeOptions().log_prob_threshold) + 1e-9

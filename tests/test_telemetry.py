@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import json
-import shutil
+import re
+import signal
 import subprocess
 import time
-import urllib.parse
-import urllib.request
-from pathlib import Path
+from collections import Counter
 
 import grpc
+import numpy as np
 import pytest
+from faster_whisper.feature_extractor import FeatureExtractor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from engine.client import SpeechClient, StreamConfig, audio_requests, final_transcripts
-from tests.conftest import JFK_TEXT, ServerProcess, free_port, wer
-from tests.otlp_receiver import OtlpReceiver
+from engine.options import DecodeOptions
+from tests.helpers import JFK_TEXT, ServerProcess, free_port, paused_jfk, tool, wait_until, wer
+from tests.otlp_receiver import OtlpHttpReceiver, OtlpReceiver
 
 OTLP_SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
+OTLP_STATUS_UNSET, OTLP_STATUS_ERROR = 0, 2
 TRANSCRIPT_WORDS = ("fellow", "Americans", "country")
+STREAMING = "stt.v1.Speech/StreamingRecognize"
 
 
 def attributes(item) -> dict:
@@ -32,16 +36,22 @@ def attributes(item) -> dict:
     return values
 
 
+def last_points(receiver) -> dict:
+    return {name: values[-1] for name, values in receiver.metric_points().items()}
+
+
 @pytest.fixture(scope="module")
-def traced():
-    """A server exporting OTLP to a receiver; one real-time stream with a client span."""
+def traced(jfk):
+    """A server exporting OTLP to a receiver. One real-time stream with a client span, a
+    refused stream, a stream whose speculative final is discarded, a Recognize, a
+    GetServerInfo, health checks and reflection."""
     receiver = OtlpReceiver().start()
     server = ServerProcess(
         "--log-level",
         "DEBUG",
         env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
             "OTEL_BSP_SCHEDULE_DELAY": "200",
             "OTEL_BLRP_SCHEDULE_DELAY": "200",
             "OTEL_SERVICE_NAME": "stt-engine-test",
@@ -50,10 +60,6 @@ def traced():
     )
     try:
         server.wait_ready()
-        from engine.audio import read_audio_file
-        from tests.conftest import SAMPLE
-
-        audio = read_audio_file(SAMPLE)
         tracer = TracerProvider().get_tracer("test-client")
         with tracer.start_as_current_span("client stream", kind=SpanKind.CLIENT) as client_span:
             carrier: dict[str, str] = {}
@@ -62,33 +68,67 @@ def traced():
 
             def requests():
                 yield StreamConfig().first_request()
-                for request in audio_requests(audio, 100, realtime=True):
+                for request in audio_requests(jfk, 100, realtime=True):
                     sent.append(request)
                     yield request
 
             with SpeechClient(server.target) as client:
                 call = client.stream(requests(), metadata=list(carrier.items()))
                 responses = list(call)
-                returned_trace_id = dict(call.initial_metadata())["x-trace-id"]
-                # A bad stream, for the error log and error metrics.
+                response_metadata = dict(call.initial_metadata())
+                # A bad stream, for the error span, log and metrics.
                 with pytest.raises(grpc.RpcError):
                     list(client.stream([StreamConfig(language_code="de").first_request()]))
+                paused = client.stream_audio(
+                    paused_jfk(jfk),
+                    StreamConfig(silence_duration_ms=3000, interim_results=False),
+                    realtime=False,
+                )
+                paused_finals = final_transcripts(paused)
+                paused_trace_id = dict(paused.initial_metadata())["x-trace-id"]
+                recognized = client.recognize(jfk)
+                client.server_info()
+                assert client.health() == "SERVING" and client.health("stt.v1.Speech") == "SERVING"
+            listed = subprocess.run(
+                [tool("grpcurl"), "-plaintext", server.target, "list"], capture_output=True, timeout=30
+            )
+            assert listed.returncode == 0, listed.stderr
         context = client_span.get_span_context()
         trace_id = format(context.trace_id, "032x")
+        server_spans = {STREAMING: 3, "stt.v1.Speech/Recognize": 1, "stt.v1.Speech/GetServerInfo": 1}
         receiver.wait_for(
-            lambda: any(
-                s.name == "stt.v1.Speech/StreamingRecognize" and s.trace_id.hex() == trace_id
-                for s in receiver.spans()
-            )
+            lambda: Counter(s.name for s in receiver.spans() if s.kind == OTLP_SERVER_KIND) == server_spans
         )
-        time.sleep(2.5)  # two metric export intervals after the stream
+
+        def settled() -> bool:
+            # An export after everything above: every stream has ended and been counted.
+            last = last_points(receiver)
+            finals = [p for p in receiver.metric_points().get("stt.results", []) if
+                      attributes(p)["stt.result.kind"] == "final"]  # fmt: skip
+            methods = {
+                attributes(p)["rpc.method"]
+                for p in receiver.metric_points().get("rpc.server.call.duration", [])
+            }
+            return (
+                methods >= set(server_spans)
+                and "stt.streams.active" in last
+                and last["stt.streams.active"].as_int == 0
+                and last["stt.chunks"].as_int >= len(sent)
+                and bool(finals)
+                and finals[-1].as_int >= 2 + len(paused_finals)
+            )
+
+        receiver.wait_for(settled)
         yield {
             "receiver": receiver,
             "trace_id": trace_id,
             "client_span_id": format(context.span_id, "016x"),
             "chunks_sent": len(sent),
             "responses": responses,
-            "returned_trace_id": returned_trace_id,
+            "response_metadata": response_metadata,
+            "paused_trace_id": paused_trace_id,
+            "paused_finals": paused_finals,
+            "recognized": recognized,
             "server": server,
         }
     finally:
@@ -97,25 +137,61 @@ def traced():
     assert code == 0
 
 
-def stream_spans(traced) -> list:
-    return [s for s in traced["receiver"].spans() if s.trace_id.hex() == traced["trace_id"]]
+def stream_spans(traced, trace_id: str | None = None) -> list:
+    trace_id = trace_id or traced["trace_id"]
+    return [s for s in traced["receiver"].spans() if s.trace_id.hex() == trace_id]
+
+
+def server_span(spans: list, name: str = STREAMING):
+    (span,) = [s for s in spans if s.name == name]
+    return span
 
 
 def test_server_span_is_the_client_span_child(traced):
-    spans = stream_spans(traced)
-    server = [s for s in spans if s.name == "stt.v1.Speech/StreamingRecognize"]
-    assert len(server) == 1
-    span = server[0]
+    span = server_span(stream_spans(traced))
     assert span.kind == OTLP_SERVER_KIND
     assert span.parent_span_id.hex() == traced["client_span_id"]
     attrs = attributes(span)
     assert attrs["rpc.system.name"] == "grpc"
-    assert attrs["rpc.method"] == "stt.v1.Speech/StreamingRecognize"
+    assert attrs["rpc.method"] == STREAMING
     assert attrs["rpc.response.status_code"] == "OK"
-    assert "error.type" not in attrs
+    assert "error.type" not in attrs and span.status.code == OTLP_STATUS_UNSET
     assert attrs["stt.chunks"] == traced["chunks_sent"]
-    assert traced["returned_trace_id"] == traced["trace_id"]
     assert wer([JFK_TEXT], [" ".join(final_transcripts(traced["responses"]))]) < 0.1
+
+
+def test_response_metadata_carries_the_server_span(traced):
+    metadata = traced["response_metadata"]
+    span = server_span(stream_spans(traced))
+    assert metadata["x-trace-id"] == traced["trace_id"]
+    version, trace_id, span_id, flags = metadata["traceparent"].split("-")
+    assert (version, trace_id, span_id) == ("00", traced["trace_id"], span.span_id.hex())
+    assert int(flags, 16) & 1  # sampled (the SDK also sets W3C level 2's "random" bit)
+
+
+def test_a_failed_call_span_has_error_type_and_reason(traced):
+    (failed,) = [
+        s for s in traced["receiver"].spans()
+        if s.name == STREAMING and attributes(s)["rpc.response.status_code"] != "OK"
+    ]  # fmt: skip
+    attrs = attributes(failed)
+    assert attrs["rpc.response.status_code"] == "INVALID_ARGUMENT"
+    assert attrs["error.type"] == "INVALID_ARGUMENT"
+    assert attrs["stt.error.reason"] == "STT_LANGUAGE_UNSUPPORTED"
+    # A client's mistake is not a server error: the span status stays unset (semantic conventions).
+    assert failed.status.code == OTLP_STATUS_UNSET
+
+
+def test_recognize_and_server_info_are_traced_health_and_reflection_are_not(traced):
+    spans = traced["receiver"].spans()
+    servers = Counter(s.name for s in spans if s.kind == OTLP_SERVER_KIND)
+    assert servers == {STREAMING: 3, "stt.v1.Speech/Recognize": 1, "stt.v1.Speech/GetServerInfo": 1}
+    assert not [s for s in spans if "Health" in s.name or "Reflection" in s.name]
+    recognize = server_span(spans, "stt.v1.Speech/Recognize")
+    assert attributes(recognize)["rpc.response.status_code"] == "OK"
+    decodes = [s for s in spans if s.trace_id == recognize.trace_id and s.name == "stt.decode.final"]
+    assert len(decodes) == len(traced["recognized"].results) >= 2
+    assert all(d.parent_span_id == recognize.span_id for d in decodes)
 
 
 def test_resource_identifies_the_service(traced):
@@ -124,6 +200,16 @@ def test_resource_identifies_the_service(traced):
     assert resource["deployment.environment.name"] == "ci"
     assert resource["service.version"] and resource["service.instance.id"] and resource["host.name"]
     assert resource["stt.model.name"] == "tiny.en"
+
+
+def expected_encoder_frames(kind: str, audio_seconds: float) -> int:
+    """What the sized encoder input must be for this much audio (never the 3000-frame window)."""
+    options = DecodeOptions()
+    content = FeatureExtractor()(np.zeros(round(audio_seconds * 16000), np.float32))[..., :-1].shape[-1]
+    floor = options.min_encoder_frames if kind == "final" else options.interim_min_encoder_frames
+    padding = options.final_padding_frames if kind == "final" else options.tail_padding_frames
+    wanted = max(content + padding, floor)
+    return min(3000, -(-wanted // options.encoder_frames_bucket) * options.encoder_frames_bucket)
 
 
 def test_a_span_per_chunk_and_decode_spans_linked_to_chunks(traced):
@@ -149,7 +235,11 @@ def test_a_span_per_chunk_and_decode_spans_linked_to_chunks(traced):
             assert decode.links and all(link.span_id in chunk_ids for link in decode.links)
             attrs = attributes(decode)
             assert attrs["stt.decode.kind"] == kind
-            assert attrs["stt.decode.encoder_frames"] >= 600  # never the 3000-frame window
+            if "stt.decode.skipped" in attrs:
+                continue  # dropped unrun: no model figures
+            frames = attrs["stt.decode.encoder_frames"]
+            assert frames == expected_encoder_frames(kind, attrs["stt.decode.audio_duration"])
+            assert frames < 3000 or attrs["stt.decode.audio_duration"] > 19  # sized, not the 30 s window
             if kind == "interim":
                 assert attrs["stt.decode.beam_size"] == 1
             else:  # beam search, or sampling after Whisper's temperature fallback
@@ -158,7 +248,7 @@ def test_a_span_per_chunk_and_decode_spans_linked_to_chunks(traced):
             assert -5 < attrs["stt.decode.avg_logprob"] <= 0 and 0 <= attrs["stt.decode.no_speech_prob"] <= 1
 
 
-def test_metrics_arrive_with_sane_values(traced):
+def test_metrics_arrive_with_sane_values(traced, jfk):
     points = traced["receiver"].metric_points()
     for name in (
         "rpc.server.call.duration",
@@ -181,23 +271,20 @@ def test_metrics_arrive_with_sane_values(traced):
         "process.memory.usage",
     ):
         assert points.get(name), f"no data points for {name}"
-    last = {name: values[-1] for name, values in points.items()}
-    assert last["stt.audio.received"].as_double == pytest.approx(11.0, abs=0.05)
-    assert last["stt.chunks"].as_int == traced["chunks_sent"]
+    last = last_points(traced["receiver"])
+    paused_seconds = len(paused_jfk(jfk)) / 16000
+    assert last["stt.audio.received"].as_double == pytest.approx(11.0 + paused_seconds, abs=0.1)
     assert last["stt.streams.active"].as_int == 0
     assert last["stt.model.loaded"].as_int == 1
     assert last["stt.inference.queue.depth"].as_int == 0
     final_latency = last["stt.final.latency"]
     assert final_latency.count >= 2 and 0.1 < final_latency.sum / final_latency.count < 5
-    assert 0 < last["stt.realtime_factor"].sum < 1
+    assert 0 < last["stt.realtime_factor"].sum < 2
     by_kind = {attributes(p)["stt.result.kind"]: p.as_int for p in points["stt.results"][-2:]}
     assert by_kind.get("final", 0) >= 2 and by_kind.get("interim", 0) >= 2
     calls = [attributes(p) for p in points["rpc.server.call.duration"]]
-    assert {
-        "rpc.method": "stt.v1.Speech/StreamingRecognize",
-        "rpc.response.status_code": "OK",
-        "rpc.system.name": "grpc",
-    } in calls
+    for method in (STREAMING, "stt.v1.Speech/Recognize", "stt.v1.Speech/GetServerInfo"):
+        assert {"rpc.method": method, "rpc.response.status_code": "OK", "rpc.system.name": "grpc"} in calls
     errors = [attributes(p) for p in points["stt.errors"]]
     assert any(e["stt.error.reason"] == "STT_LANGUAGE_UNSUPPORTED" for e in errors)
     assert all("stream" not in key for e in errors for key in e)  # no per-stream labels
@@ -221,6 +308,19 @@ def test_finals_start_before_the_endpoint_is_certain(traced):
     assert outcomes.get("used", 0) >= len(silence_ended)
 
 
+def test_a_discarded_speculative_final_is_counted_and_leaves_one_final(traced):
+    assert len(traced["paused_finals"]) == 1 and wer([JFK_TEXT], traced["paused_finals"]) < 0.1
+    spans = stream_spans(traced, traced["paused_trace_id"])
+    (utterance,) = [s for s in spans if s.name == "stt.utterance"]
+    finals = [attributes(s) for s in spans if s.name == "stt.decode.final"]
+    # The one speculated in the pause, then the one of the whole utterance.
+    assert len(finals) >= 2 and all(f["stt.utterance.index"] == 0 for f in finals)
+    assert finals[0]["stt.decode.speculative"] is True
+    points = traced["receiver"].metric_points()["stt.speculative_finals"]
+    outcomes = {attributes(p)["stt.speculation.outcome"]: p.as_int for p in points}
+    assert outcomes.get("discarded", 0) >= 1
+
+
 def test_logs_carry_the_stream_trace_id_from_every_thread(traced):
     records = traced["receiver"].log_records()
     mine = [r for r in records if r.trace_id.hex() == traced["trace_id"]]
@@ -236,120 +336,99 @@ def test_logs_carry_the_stream_trace_id_from_every_thread(traced):
     assert attributes(errors[0])["rpc.response.status_code"] == "INVALID_ARGUMENT"
 
 
+def exported_bytes(receiver) -> bytes:
+    return b"".join(r.SerializeToString() for r in receiver.traces + receiver.metrics + receiver.logs)
+
+
 def test_no_transcript_text_in_any_export(traced):
-    receiver = traced["receiver"]
-    exported = b"".join(r.SerializeToString() for r in receiver.traces + receiver.metrics + receiver.logs)
+    exported = exported_bytes(traced["receiver"])
     for word in TRANSCRIPT_WORDS:
         assert word.encode() not in exported and word.lower().encode() not in exported
 
 
-def test_unreachable_collector_does_not_hurt(jfk):
-    # Nothing listens on this port: streams work, the console gets no error flood.
-    server = ServerProcess(
+def test_unreachable_collector_does_not_hurt_and_shutdown_is_bounded(server_factory, jfk):
+    # Nothing listens on this port: streams work, the console gets one exporter warning a
+    # minute, and shutdown gives up on the last flush after 5 s.
+    server = server_factory(
         env={
             "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
             "OTEL_METRIC_EXPORT_INTERVAL": "500",
             "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "OTEL_BLRP_SCHEDULE_DELAY": "100",
         }
     )
-    try:
-        server.wait_ready()
-        with server.client() as client:
-            started = time.monotonic()
-            finals = final_transcripts(client.stream_audio(jfk, StreamConfig(), realtime=False))
-            elapsed = time.monotonic() - started
-        assert wer([JFK_TEXT], [" ".join(finals)]) < 0.1
-        assert elapsed < 10
-        time.sleep(3)
-    finally:
-        server.stop()
+    with server.client() as client:
+        started = time.monotonic()
+        finals = final_transcripts(client.stream_audio(jfk, StreamConfig(), realtime=False))
+        elapsed = time.monotonic() - started
+    assert wer([JFK_TEXT], [" ".join(finals)]) < 0.1
+    assert elapsed < 10
+    exporter_lines = lambda: [line for line in server.log().splitlines() if "opentelemetry." in line]  # noqa: E731
+    wait_until(exporter_lines, 20, what="an exporter warning")
+    time.sleep(2)  # several more failed exports (every 100-500 ms), all within the minute
+    signalled = time.monotonic()
+    server.signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    shutdown = time.monotonic() - signalled
+    # 1 s gRPC grace (no RPC open, so it returns at once) + at most 5 s of flushing.
+    assert shutdown < 6.5, f"shutdown took {shutdown:.2f} s"
     log = server.log()
     assert "telemetry: traces=otlp" in log
-    exporter_lines = [line for line in log.splitlines() if "opentelemetry.exporter" in line]
-    assert len(exporter_lines) <= 6, exporter_lines
+    per_logger = Counter(re.search(r" (opentelemetry[\w.]*): ", line).group(1) for line in exporter_lines())
+    assert per_logger and all(count == 1 for count in per_logger.values()), per_logger
 
 
-def test_sdk_disabled_serves_without_telemetry(jfk):
-    server = ServerProcess(env={"OTEL_SDK_DISABLED": "true"})
-    try:
-        server.wait_ready()
-        with server.client() as client:
-            call = client.stream_audio(jfk, StreamConfig(), realtime=False)
-            finals = final_transcripts(call)
-            assert "x-trace-id" not in dict(call.initial_metadata())
-        assert wer([JFK_TEXT], [" ".join(finals)]) < 0.1
-    finally:
-        server.stop()
+def test_sdk_disabled_serves_without_telemetry(server_factory, jfk):
+    server = server_factory(env={"OTEL_SDK_DISABLED": "true"})
+    with server.client() as client:
+        call = client.stream_audio(jfk, StreamConfig(), realtime=False)
+        finals = final_transcripts(call)
+        assert "x-trace-id" not in dict(call.initial_metadata())
+    assert wer([JFK_TEXT], [" ".join(finals)]) < 0.1
     assert "telemetry disabled" in server.log()
 
 
-def prometheus_query(port: int, query: str) -> list:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body = json.load(response)
-    assert body["status"] == "success", body
-    return body["data"]["result"]
-
-
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus not installed")
-def test_real_prometheus_scrapes_the_metrics_endpoint(tmp_path: Path, jfk):
-    metrics_port, prometheus_port = free_port(), free_port()
-    server = ServerProcess(
-        "--metrics-port",
-        str(metrics_port),
-        env={"OTEL_METRICS_EXPORTER": "none", "OTEL_TRACES_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"},
-    )
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: stt-engine\n"
-        f"    static_configs:\n      - targets: ['127.0.0.1:{metrics_port}']\n"
-    )
-    prometheus = subprocess.Popen(
-        [
-            "prometheus",
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{prometheus_port}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+def test_per_signal_endpoints_chunk_policy_and_transcript_opt_in(server_factory, jfk):
+    receivers = {signal_: OtlpReceiver().start() for signal_ in ("traces", "metrics", "logs")}
+    env = {f"OTEL_EXPORTER_OTLP_{s.upper()}_ENDPOINT": r.endpoint for s, r in receivers.items()}
+    server = server_factory(
+        env={
+            **env,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",  # nobody: must not be used
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
+            "STT_TRACE_CHUNKS": "speech",
+            "STT_TELEMETRY_RECORD_TRANSCRIPTS": "true",
+        }
     )
     try:
-        server.wait_ready()
         with server.client() as client:
-            finals = final_transcripts(client.stream_audio(jfk, StreamConfig(), realtime=True))
-        assert finals
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                result = prometheus_query(prometheus_port, "sum(stt_audio_received_seconds_total)")
-                if result and float(result[0]["value"][1]) >= 10.9:
-                    break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "Prometheus never scraped the engine"
-            time.sleep(0.5)
-        up = prometheus_query(prometheus_port, 'up{job="stt-engine"}')
-        assert up and up[0]["value"][1] == "1"
-        p95 = prometheus_query(
-            prometheus_port,
-            "histogram_quantile(0.95, sum by (le) (rate(stt_final_latency_seconds_bucket[1m])))",
-        )
-        assert p95 and 0 < float(p95[0]["value"][1]) < 5
-        finals_total = prometheus_query(prometheus_port, 'sum(stt_results_total{stt_result_kind="final"})')
-        assert float(finals_total[0]["value"][1]) >= 2
+            call = client.stream_audio(jfk, StreamConfig(), realtime=False)
+            finals = final_transcripts(call)
+            trace_id = dict(call.initial_metadata())["x-trace-id"]
+        assert server.stop() == 0  # flushes everything
     finally:
-        prometheus.terminate()
-        prometheus.wait(timeout=30)
-        server.stop()
+        for receiver in receivers.values():
+            receiver.stop()
+    traces, metrics, logs = receivers["traces"], receivers["metrics"], receivers["logs"]
+    assert traces.traces and not traces.metrics and not traces.logs
+    assert metrics.metrics and not metrics.traces and not metrics.logs
+    assert logs.logs and not logs.traces and not logs.metrics
+    spans = [s for s in traces.spans() if s.trace_id.hex() == trace_id]
+    chunks = [attributes(s) for s in spans if s.name == "stt.chunk"]
+    stream = attributes(server_span(spans))
+    # Only chunks inside an utterance get a span; the others are counted on the stream span.
+    assert chunks and all(c["stt.vad.state"] == "speech" for c in chunks)
+    assert len(chunks) + stream["stt.chunks.without_span"] == stream["stt.chunks"] == 110
+    assert stream["stt.chunks.without_span"] > 0
+    # The opt-in puts each final's text on its decode span; still never in metrics or logs.
+    recorded = [attributes(s).get("stt.transcript") for s in spans if s.name == "stt.decode.final"]
+    assert set(finals) <= set(recorded)
+    assert b"country" not in exported_bytes(metrics) + exported_bytes(logs)
 
 
-def test_http_protobuf_export_and_chunk_span_cap(jfk):
-    from tests.otlp_receiver import OtlpHttpReceiver
-
+def test_http_protobuf_export_and_chunk_span_cap(server_factory, jfk):
     receiver = OtlpHttpReceiver().start()
-    server = ServerProcess(
+    server = server_factory(
         env={
             "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
@@ -358,51 +437,44 @@ def test_http_protobuf_export_and_chunk_span_cap(jfk):
         }
     )
     try:
-        server.wait_ready()
         with server.client() as client:
             call = client.stream_audio(jfk, StreamConfig(), realtime=False)
             assert final_transcripts(call)
             trace_id = dict(call.initial_metadata())["x-trace-id"]
+        assert server.stop() == 0  # SIGTERM: the last spans and logs are flushed on the way out
     finally:
-        server.stop()  # SIGTERM: the last spans and logs are flushed on the way out
         receiver.stop()
     spans = [s for s in receiver.spans() if s.trace_id.hex() == trace_id]
     assert len([s for s in spans if s.name == "stt.chunk"]) == 20
-    stream = next(s for s in spans if s.name == "stt.v1.Speech/StreamingRecognize")
+    stream = server_span(spans)
     assert attributes(stream)["stt.chunks"] == 110
     assert attributes(stream)["stt.chunks.without_span"] == 90
     assert any(r.trace_id.hex() == trace_id for r in receiver.log_records())
     assert receiver.metric_points().get("stt.audio.received")  # flushed at shutdown
 
 
-def test_console_exporter_for_local_debugging(jfk):
-    server = ServerProcess("--telemetry-console", env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
-    try:
-        server.wait_ready()
-        with server.client() as client:
-            assert final_transcripts(client.stream_audio(jfk[:48000], StreamConfig(), realtime=False))
-    finally:
-        server.stop()
+def test_console_exporter_for_local_debugging(server_factory, jfk):
+    server = server_factory("--telemetry-console", env={"OTEL_BSP_SCHEDULE_DELAY": "100"})
+    with server.client() as client:
+        assert final_transcripts(client.stream_audio(jfk[:48000], StreamConfig(), realtime=False))
+    assert server.stop() == 0
     log = server.log()
     assert "telemetry: traces=console" in log
-    assert '"name": "stt.v1.Speech/StreamingRecognize"' in log
+    assert f'"name": "{STREAMING}"' in log
     assert '"name": "stt.decode.final"' in log
 
 
-def test_json_console_logs_carry_trace_ids(jfk):
-    server = ServerProcess(
+def test_json_console_logs_carry_trace_ids(server_factory, jfk):
+    server = server_factory(
         "--log-format",
         "json",
         env={"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"},
     )
-    try:
-        server.wait_ready()
-        with server.client() as client:
-            call = client.stream_audio(jfk[:48000], StreamConfig(), realtime=False)
-            assert final_transcripts(call)
-            trace_id = dict(call.initial_metadata())["x-trace-id"]
-    finally:
-        server.stop()
+    with server.client() as client:
+        call = client.stream_audio(jfk[:48000], StreamConfig(), realtime=False)
+        assert final_transcripts(call)
+        trace_id = dict(call.initial_metadata())["x-trace-id"]
+    assert server.stop() == 0
     entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
     stream_entries = [e for e in entries if e["message"].startswith("stream ")]

@@ -1,0 +1,56 @@
+"""What a stream has said so far, as the decoder prompt for what it says next.
+
+Offline Whisper conditions every 30 s window on the text before it
+(``condition_on_previous_text``); a stream decodes one utterance at a time, so without
+this each utterance would be decoded as if it were the first thing ever said. The
+session keeps the finals' text here, in utterance order, and every decode gets its tail as
+the prompt (``DecodeRequest.context``). Like Whisper, it forgets everything at a final it
+cannot trust, so that one bad decode does not propagate through the prompt.
+"""
+
+from __future__ import annotations
+
+from .model import Hypothesis
+
+UNRELIABLE_TEMPERATURE = 0.5  # Whisper's prompt_reset_on_temperature
+
+
+def is_reliable(hypothesis: Hypothesis) -> bool:
+    """Whether a final's text is fit to condition the next decode on.
+
+    Not when it needed a high sampling temperature (Whisper resets its prompt above 0.5),
+    failed every check of the fallback (improbable or repetitive), or repeated itself.
+    """
+    return (
+        hypothesis.temperature <= UNRELIABLE_TEMPERATURE
+        and not hypothesis.failed_checks
+        and not hypothesis.looped
+    )
+
+
+class SpokenContext:
+    """The recent final text of one stream.
+
+    Attributes:
+        max_chars: text kept; the model takes at most Whisper's prompt budget (223 tokens,
+            about 1000 characters of English) from its end.
+    """
+
+    def __init__(self, max_chars: int = 2000) -> None:
+        self.max_chars = max_chars
+        self._text = ""
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    def add(self, hypothesis: Hypothesis | None) -> None:
+        """Appends a final (in utterance order); ``None`` for a final that failed."""
+        if hypothesis is None or not is_reliable(hypothesis):
+            self._text = ""
+            return
+        if hypothesis.is_speech and hypothesis.text:
+            text = f"{self._text} {hypothesis.text}".strip()
+            if len(text) > self.max_chars:
+                text = text[-self.max_chars :].split(" ", 1)[-1]  # whole words only
+            self._text = text

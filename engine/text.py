@@ -1,0 +1,75 @@
+"""Checks on decoded text: Whisper's compression ratio, repetition loops, word content.
+
+Whisper's own guard against a looping decode is the gzip compression ratio of its text,
+which cannot see a loop in a short text: "S X X X X X X X X X X X" or ". . . . . . . ."
+compress too little. Sampling at the higher temperatures of the fallback produces exactly
+such texts now and then, with an average log-probability good enough to pass, so every
+candidate is also checked for a run of one repeated word.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+_NOT_WORD = re.compile(r"[^\w']+")
+MAX_REPEATS = 4  # "no, no, no" is speech; the same word four times in a row is a loop
+MAX_PERIOD = 4  # longest group of words checked for repetition
+
+
+def compression_ratio(text: str) -> float:
+    """Whisper's measure: text bytes over their zlib-compressed size."""
+    data = text.encode("utf-8")
+    return len(data) / max(1, len(zlib.compress(data)))
+
+
+def word_key(word: str) -> str:
+    """A word as compared for repetition and agreement: lower case, no punctuation."""
+    return _NOT_WORD.sub("", word.lower())
+
+
+def has_words(text: str) -> bool:
+    """Whether the text holds any word at all (not only punctuation)."""
+    return any(word_key(word) for word in text.split())
+
+
+def find_loop(
+    text: str, max_repeats: int = MAX_REPEATS, max_period: int = MAX_PERIOD
+) -> tuple[int, int] | None:
+    """Where the text starts to loop, as (index in ``text.split()``, words per repetition).
+
+    A loop is one word, or a group of up to ``max_period`` words, said ``max_repeats`` times
+    in a row ("s s s s", ". . . .", "s 0 s 0 s 0 s 0"); punctuation-only tokens count as one
+    and the same word.
+    """
+    keys = [word_key(word) for word in text.split()]
+    found: tuple[int, int] | None = None
+    for period in range(1, max_period + 1):
+        needed = period * (max_repeats - 1)  # positions equal to the one a period back
+        same = 0
+        for index in range(period, len(keys)):
+            same = same + 1 if keys[index] == keys[index - period] else 0
+            if same >= needed:
+                start = index - needed - period + 1
+                if found is None or start < found[0]:
+                    found = (start, period)
+                break
+    return found
+
+
+_REPEATED_MARK = re.compile(r"([^\w\s])\1{3,}")  # one punctuation mark four or more times
+
+
+def is_repetition_loop(text: str) -> bool:
+    """Whether a hypothesis loops (``s s s s s``, ``. . . .``, ``s 0 s 0 s 0``, ``I''''''``)."""
+    return find_loop(text) is not None or _REPEATED_MARK.search(text) is not None
+
+
+def cut_repetition(text: str) -> str:
+    """The text before its first loop, plus one repetition of it."""
+    text = _REPEATED_MARK.sub(r"\1", text)
+    loop = find_loop(text)
+    if loop is None:
+        return text
+    start, period = loop
+    return " ".join(text.split()[: start + period])

@@ -1,0 +1,312 @@
+"""Helpers shared by the tests: real processes on loopback, real speech, WER, polling."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import numpy as np
+import pytest
+
+from engine.audio import read_audio_file
+from engine.client import SpeechClient, StreamConfig, final_transcripts
+
+REPO = Path(__file__).resolve().parent.parent
+AUDIO_DIR = Path(os.environ.get("STT_TEST_AUDIO", REPO.parent / "shared" / "audio"))
+LONG_AUDIO_DIR = Path(os.environ.get("STT_TEST_AUDIO_LONG", REPO.parent / "shared" / "audio-long"))
+SAMPLE = REPO / "engine" / "samples" / "jfk.wav"
+JFK_TEXT = (
+    "And so my fellow Americans, ask not what your country can do for you, "
+    "ask what you can do for your country."
+)
+JFK_OPENING = "And so my fellow Americans, ask not"  # its first 5 seconds
+IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float = 30, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Polls ``predicate`` until it returns something truthy, and returns that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def tool(name: str) -> str:
+    """A declared test dependency's executable: from this interpreter's scripts directory
+    (where pip installs it) or the PATH. Missing is a failure, never a skip."""
+    for directory in (sysconfig.get_path("scripts"), Path(sys.executable).parent):
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(directory) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    pytest.fail(f"{name} is a declared test dependency and is not installed (see .ci/run)")
+
+
+STACK_CACHE = Path(os.environ.get("STT_STACK_CACHE", Path.home() / ".cache" / "stt-engine-stack"))
+
+
+def stack_tool(name: str) -> str:
+    """A pinned test tool that .ci/setup builds from Go modules (versions in .ci/versions.env)."""
+    versions = dict(
+        line.split("=", 1)
+        for line in (REPO / ".ci" / "versions.env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    version = versions[f"{name.upper().replace('-', '_')}_VERSION"]
+    binary = STACK_CACHE / f"{name}-{version}" / name
+    if not binary.is_file():
+        pytest.fail(f"{binary} is missing: `bash .ci/setup` builds it")
+    return str(binary)
+
+
+def ffmpeg(*args: str, data: bytes | None = None) -> bytes:
+    """Runs ffmpeg quietly; returns its stdout."""
+    return subprocess.run(
+        [tool("ffmpeg"), "-loglevel", "error", *args], input=data, capture_output=True, check=True
+    ).stdout
+
+
+@dataclass
+class Clip:
+    name: str
+    audio: np.ndarray
+    transcript: str
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / 16000
+
+
+def load_clips() -> list[Clip]:
+    """The real recordings of ../shared/audio (or $STT_TEST_AUDIO); required in CI."""
+    manifest = AUDIO_DIR / "manifest.tsv"
+    _require(manifest, "STT_TEST_AUDIO")
+    with manifest.open() as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    return [Clip(r["file"], read_audio_file(AUDIO_DIR / r["file"]), r["transcript"]) for r in rows]
+
+
+def _require(manifest: Path, variable: str) -> None:
+    if not manifest.exists():
+        if IN_CI:
+            pytest.fail(f"no speech recordings at {manifest.parent}: CI must have them ({variable})")
+        pytest.skip(f"no speech recordings at {manifest.parent}")
+
+
+def long_segment(utterance: str) -> tuple[np.ndarray, str]:
+    """One utterance of the long readings of ../shared/audio-long, and its reference."""
+    segments = LONG_AUDIO_DIR / "segments.tsv"
+    _require(segments, "STT_TEST_AUDIO_LONG")
+    with segments.open() as handle:
+        row = next(r for r in csv.DictReader(handle, delimiter="\t") if r["utterance"] == utterance)
+    audio = read_audio_file(LONG_AUDIO_DIR / row["file"])
+    return audio[int(float(row["start"]) * 16000) : int(float(row["end"]) * 16000)], row["transcript"]
+
+
+def paused_jfk(jfk: np.ndarray) -> np.ndarray:
+    """JFK with 1 s more silence in its first pause, and 4 s of silence after it. With a 3 s
+    endpoint, the final decode started speculatively in that pause is discarded when speech
+    resumes, and the whole speech is one utterance."""
+    from engine.options import StreamingOptions
+    from engine.recognizer import StreamingRecognizer, UtteranceEnded
+
+    events = StreamingRecognizer(StreamingOptions()).accept(jfk)
+    cut = int(next(e for e in events if isinstance(e, UtteranceEnded)).end * 16000)
+    silence = np.zeros(16000, np.float32)
+    return np.concatenate([jfk[:cut], silence, jfk[cut:], silence, silence, silence, silence])
+
+
+def normalize(text: str) -> str:
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    return EnglishTextNormalizer()(text)
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float:
+    import jiwer
+
+    return jiwer.wer([normalize(r) for r in references], [normalize(h) for h in hypotheses])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``stt-engine serve`` in a subprocess, as a user runs it."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"stt-server-{self.port}.log"
+        self._log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "engine", "serve", "--address", self.target, *args],
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        )
+
+    def client(self) -> SpeechClient:
+        return SpeechClient(self.target)
+
+    def wait_ready(self, timeout: float = 120) -> ServerProcess:
+        with self.client() as client:
+
+            def serving() -> bool:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"server exited early:\n{self.log()}")
+                try:
+                    return client.health(timeout=1) == "SERVING"
+                except grpc.RpcError:
+                    return False  # not listening yet
+
+            wait_until(serving, timeout, what=f"{self.target} to report SERVING")
+        return self
+
+    def active_streams(self) -> int:
+        with self.client() as client:
+            return client.server_info().active_streams
+
+    def log(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self) -> int:
+        """SIGTERM (if still running) and the exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if not self._log.closed:
+            self._log.close()
+        return self.process.returncode
+
+
+class BackgroundStream:
+    """A good real-time stream running beside a test, to prove other streams are unaffected.
+
+    ``started`` is set when its first response arrives (SPEECH_STARTED), so a test can be
+    sure the stream is really being served before it attacks the server.
+    """
+
+    def __init__(self, target: str, audio: np.ndarray, expected: str) -> None:
+        self.target = target
+        self.audio = audio
+        self.expected = expected
+        self.finals: list[str] = []
+        self.error: BaseException | None = None
+        self.started = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        responses = []
+        try:
+            with SpeechClient(self.target) as client:
+                for response in client.stream_audio(self.audio, StreamConfig(interim_results=True)):
+                    self.started.set()
+                    responses.append(response)
+            self.finals = final_transcripts(responses)
+        except BaseException as exc:  # re-raised in the test thread
+            self.error = exc
+        finally:
+            self.started.set()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait_started(self, timeout: float = 30) -> None:
+        assert self.started.wait(timeout), "the good stream never got a response"
+        assert self.error is None and self.running, f"the good stream ended early: {self.error!r}"
+
+    def check(self) -> None:
+        self._thread.join(timeout=120)
+        assert not self._thread.is_alive(), "background stream did not finish"
+        if self.error is not None:
+            raise self.error
+        assert wer([self.expected], [" ".join(self.finals)]) < 0.1, self.finals
+
+
+class PrometheusProcess:
+    """A real Prometheus (Debian's 2.42) on loopback with a given configuration."""
+
+    def __init__(self, config: dict, directory: Path, *flags: str) -> None:
+        import yaml
+
+        self.port = free_port()
+        config_path = directory / "prometheus.yml"
+        config_path.write_text(yaml.safe_dump(config))
+        self.process = subprocess.Popen(
+            [
+                tool("prometheus"),
+                f"--config.file={config_path}",
+                f"--storage.tsdb.path={directory / 'data'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                *flags,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def api(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as response:
+            return json.load(response)
+
+    def query(self, expr: str) -> list:
+        body = self.api("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def wait_for(self, expr: str, minimum: float, timeout: float = 30) -> None:
+        """Until Prometheus has a value of ``expr`` of at least ``minimum``."""
+
+        def reached() -> bool:
+            try:
+                result = self.query(expr)
+            except OSError:
+                return False  # still starting
+            return bool(result) and float(result[0]["value"][1]) >= minimum
+
+        wait_until(reached, timeout, 0.2, f"Prometheus to see {expr} >= {minimum}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
