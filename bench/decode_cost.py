@@ -9,7 +9,7 @@ setting to see what each one is worth.
     python bench/decode_cost.py                                   # the defaults
     python bench/decode_cost.py --blas-threads 2                  # numpy BLAS unrestricted
     python bench/decode_cost.py --interim-min-frames 1000 --interim-interval-ms 700
-    python bench/decode_cost.py --context finals                  # previous text for finals only
+    python bench/decode_cost.py --context all                     # interims prompted with it too
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio")
     parser.add_argument("--interim-min-frames", type=int, default=DecodeOptions.interim_min_encoder_frames)
     parser.add_argument("--final-min-frames", type=int, default=DecodeOptions.min_encoder_frames)
+    parser.add_argument("--final-padding-frames", type=int, default=DecodeOptions.final_padding_frames)
     parser.add_argument("--interim-interval-ms", type=int, default=StreamingOptions.interim_interval_ms)
     parser.add_argument("--first-interim-ms", type=int, default=StreamingOptions.first_interim_ms)
     parser.add_argument("--blas-threads", type=int, default=1, help="numpy BLAS threads (engine: 1)")
@@ -43,14 +44,17 @@ def main() -> None:
     parser.add_argument(
         "--context",
         choices=("all", "finals", "none"),
-        default="all",
-        help="which decodes get the previous finals' text as prompt (engine: all)",
+        default="finals",
+        help="which decodes get the previous finals' text as prompt (engine: finals)",
     )
     args = parser.parse_args()
 
     audio, _ = long_form(args.audio_dir, 1.5, 0)
     decode_options = DecodeOptions(
-        min_encoder_frames=args.final_min_frames, interim_min_encoder_frames=args.interim_min_frames
+        min_encoder_frames=args.final_min_frames,
+        interim_min_encoder_frames=args.interim_min_frames,
+        final_padding_frames=args.final_padding_frames,
+        interim_context=args.context == "all",
     )
     model = SpeechModel(ModelOptions(cpu_threads=args.threads, workers=1), decode_options)
     if args.blas_threads != 1:

@@ -170,9 +170,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def offline_reference(audio: np.ndarray, reference_text: str, threads: int, runs: int = 3) -> dict:
+def offline_reference(
+    audio: np.ndarray, reference_text: str, threads: int, words: bool, runs: int = 3
+) -> dict:
     """Offline faster-whisper, beam 5, on the same audio: CPU per audio second (median of
-    ``runs``, after a warm-up decode as the server does before SERVING) and WER."""
+    ``runs``, after a warm-up decode as the server does before SERVING) and WER. With
+    ``words`` it aligns words too, as the streams asked the server to: the same output."""
     import jiwer
     from faster_whisper import WhisperModel
     from whisper_normalizer.english import EnglishTextNormalizer
@@ -184,7 +187,8 @@ def offline_reference(audio: np.ndarray, reference_text: str, threads: int, runs
     costs = []
     for _ in range(runs):
         started = time.process_time()
-        text = " ".join(s.text for s in model.transcribe(audio, beam_size=5)[0])
+        segments, _ = model.transcribe(audio, beam_size=5, word_timestamps=words)
+        text = " ".join(s.text for s in segments)
         costs.append(time.process_time() - started)
     return {
         "cpu_per_audio_second": float(np.median(costs)) / (len(audio) / 16000),
@@ -296,7 +300,7 @@ def main() -> None:
     audio, segments = long_form(args.audio_dir, args.pause, args.minutes)
     print(f"long-form audio: {len(audio) / 16000:.1f} s, {len(segments)} clips", flush=True)
     reference_text = " ".join(seg.transcript for seg in segments)
-    offline = offline_reference(audio, reference_text, args.workers * args.threads)
+    offline = offline_reference(audio, reference_text, args.workers * args.threads, args.words)
     print(f"offline faster-whisper beam 5: {json.dumps(offline)}", flush=True)
     rows = []
     for streams in args.streams:

@@ -117,7 +117,8 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--vad-refresh-ms",
         type=int,
         default=int(e("vad_refresh_ms", "1000")),
-        help="reset the VAD's recurrent state after this much non-speech (0: never)",
+        help="reset the VAD's fresh state, which scores beside the carried one, after this much "
+        "non-speech (0: carried state only)",
     )
     parser.add_argument(
         "--fallback",

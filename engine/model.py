@@ -198,7 +198,8 @@ class SpeechModel:
             token, _ = self._whisper.model.detect_language(encoder_output)[0][0]
             language = token[2:-2]
         tokenizer, suppressed_tokens = self._tokenizer(language)
-        previous = self._previous_tokens(tokenizer, request.prompt, request.context)
+        context = request.context if request.final or opts.interim_context else ""
+        previous = self._previous_tokens(tokenizer, request.prompt, context)
         timestamps = request.final and opts.final_timestamps and not request.prefix
         prompt = self._whisper.get_prompt(
             tokenizer, previous, without_timestamps=not timestamps, prefix=request.prefix or None

@@ -59,6 +59,10 @@ class DecodeOptions:
             padded with silence; given a window that ends 1 s after the speech, it stopped
             early on long or multi-sentence utterances and dropped whole sentences (WER on
             continuous speech 9.5% against 3.6% with 10 s of padding; 13% more final CPU).
+        interim_context: whether interims, like finals, are prompted with the stream's
+            previous finals. Finals never start from an interim's text, so the prompt changes
+            only the provisional text, and it cost a third more interim CPU (0.073 -> 0.098
+            CPU-s per audio-s, ``bench/decode_cost.py --context all`` vs ``finals``). Off.
         final_timestamps: decode finals with Whisper's timestamp tokens, as offline
             transcription does (measured: no better per utterance, so off).
         max_tokens_per_second: cap on generated tokens per second of audio, a guard
@@ -93,6 +97,7 @@ class DecodeOptions:
     log_prob_threshold: float = -1.0
     fallback_on_low_logprob: bool = False
     compression_ratio_threshold: float = 2.4
+    interim_context: bool = False
     final_timestamps: bool = False
     max_interim_wait: float = 0.5
 
@@ -123,13 +128,15 @@ class StreamingOptions:
             "two") otherwise become utterances of their own, each decoded almost without
             acoustic context (slowed speech: WER 8.9% -> 6.2%). Costs such a short phrase up
             to 0.8 s more final latency. 0 disables it.
-        vad_refresh_ms: the VAD's recurrent state is reset after every this much audio
-            scored as non-speech. Carried through long silence or room noise, Silero's state
-            drifts and scores the next speech lower and lower: after 30 s of room noise at
-            -55 dBFS, a sentence peaking at -30 dBFS was not detected at all, and fresh it
-            was whole. 1-5 s all cured that; in noise at 10 dB SNR the drift takes hold within
-            2 s, and 1 s was the only setting that lost no clip on any robustness set (0.5 s
-            reset too often inside quiet speech). 0 never resets.
+        vad_refresh_ms: the VAD's second, fresh recurrent state is reset after every this
+            much audio scored as non-speech; each frame's probability is the higher of the
+            fresh and the carried state's. Carried through long silence or room noise,
+            Silero's state drifts and scores the next speech lower and lower: after 30 s of
+            room noise at -55 dBFS, a sentence peaking at -30 dBFS was not detected at all,
+            and fresh it was whole. In noise at 10 dB SNR the drift takes hold within 2 s; 1 s
+            lost no clip on any robustness set. A reset state alone scores an onset right
+            after it lower than the carried one (JFK's "ask not" 1 s after "Americans" was
+            lost), hence both. 0: the carried state only.
         speculative_final_ms: trailing silence after which the final decode starts before
             the endpoint is certain. The final's audio ends ``speech_pad_ms`` after the
             speech, so once this much silence has passed that audio is complete; if speech
