@@ -10,9 +10,10 @@ A final decode starts speculatively once a pause is long enough that the final's
 audio is complete (``EndpointLikely``); when the endpoint confirms it, the final is
 that decode, already under way. Speech resuming discards it.
 
-Every decode is conditioned on what the stream said before (``SpokenContext``), as
+Every final is conditioned on what the stream said before (``SpokenContext``), as
 offline Whisper conditions on previous text: a final's decode starts once the finals of
-the utterances before it are decoded and their text is in the context.
+the utterances before it are decoded and their text is in the context. (Interims are not:
+``DecodeOptions.interim_context``.)
 """
 
 from __future__ import annotations
