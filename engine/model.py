@@ -81,7 +81,7 @@ class Hypothesis:
     tokens: int = 0
     temperature: float = 0.0
     failed_checks: bool = False  # what is sent failed Whisper's log-prob or loop checks
-    looped: bool = False  # the text repeated itself and was cut after the loop's first word
+    looped: bool = False  # the text failed the loop checks (and was cut where it repeats)
     beam_size: int = 1
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
@@ -300,7 +300,7 @@ class SpeechModel:
             tokens=len(tokens),
             temperature=temperature,
             failed_checks=failed,
-            looped=text != chosen.text,
+            looped=chosen.looping or text != chosen.text,
             beam_size=beam_size if temperature == 0 else 1,
             encode_seconds=encoded - started,
             decode_seconds=time.perf_counter() - encoded,

@@ -14,6 +14,7 @@ from engine.audio import AudioDecoder, float_to_linear16, read_audio_file
 from engine.client import SpeechClient, StreamConfig, chunk_bytes, final_transcripts
 from engine.options import StreamingOptions
 from engine.recognizer import SpeechResumed, StreamingRecognizer
+from engine.text import compression_ratio, is_repetition_loop
 from tests.helpers import JFK_TEXT, SAMPLE, ffmpeg, long_segment, paused_jfk, wer
 
 
@@ -89,6 +90,11 @@ def test_interim_results_arrive_before_the_utterance_ends(server, jfk):
         assert stable.startswith(previous)
         assert r.result.alternatives[0].transcript.startswith(stable)
         by_utterance[r.result.utterance_index] = stable
+    # No looping guess is shown, such as "ask not what your country can do for you ask what
+    # you ask not what your country can ..." (compression ratio 2.45), once seen in the demo.
+    for r, _ in interims:
+        text = r.result.alternatives[0].transcript
+        assert compression_ratio(text) <= 2.4 and not is_repetition_loop(text), text
     events = [r.speech_event.type for r in responses if r.HasField("speech_event")]
     assert (
         events.count(stt_pb2.SpeechEvent.SPEECH_STARTED)
@@ -123,7 +129,8 @@ def test_a_long_form_with_room_noise_gaps_recovers_every_clip(server_factory, cl
 
 def test_interim_interval_sets_the_interim_cadence(server, jfk):
     def interims(interval_ms: int) -> list:
-        config = StreamConfig(interim_results=True, interim_interval_ms=interval_ms)
+        # A 3 s endpoint makes the speech one 11 s utterance: room for several sparse interims.
+        config = StreamConfig(interim_results=True, interim_interval_ms=interval_ms, silence_duration_ms=3000)
         responses, _ = stream_clip(server.target, jfk, config)
         return [r.result for r in responses if r.HasField("result") and not r.result.is_final]
 
