@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from engine.api import stt_pb2
-from engine.audio import AudioDecoder, read_audio_file
+from engine.audio import AudioDecoder, float_to_linear16, read_audio_file
 
 RATE = 16000
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -256,11 +256,6 @@ def continuous_set(clips: list[Clip], minimum: float = 60.0, forms: int = 2) -> 
     return out
 
 
-def linear16(audio: np.ndarray) -> bytes:
-    """16-bit little-endian PCM, rounded as a WAV file holds it."""
-    return np.clip(np.round(audio * 32768.0), -32768, 32767).astype("<i2").tobytes()
-
-
 def with_wire(forms: list[LongForm]) -> list[LongForm]:
     """LINEAR16 wire bytes for forms that have none; what the server hears is exactly them."""
     out = []
@@ -268,8 +263,8 @@ def with_wire(forms: list[LongForm]) -> list[LongForm]:
         if form.wire:
             out.append(form)
             continue
-        wire = linear16(form.audio)
-        heard = np.frombuffer(wire, "<i2").astype(np.float32) / 32768.0
+        wire = float_to_linear16(form.audio)
+        heard = AudioDecoder(stt_pb2.LINEAR16, RATE).decode(wire)
         out.append(replace(form, wire=wire, audio=heard))
     return out
 

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.audio_sets import CONDITIONS, LongForm, build  # noqa: E402
-from bench.streaming import cpu_seconds, percentile, start_server  # noqa: E402
+from bench.streaming import cpu_seconds, fmt, percentile, seconds, start_server  # noqa: E402
 from engine.api import stt_pb2  # noqa: E402
 from engine.client import SpeechClient, chunk_bytes, paced  # noqa: E402
 from engine.model import resolve_model_path  # noqa: E402
@@ -51,10 +51,6 @@ class StreamedFinal:
 class Streamed:
     finals: list[StreamedFinal] = field(default_factory=list)
     error: str | None = None
-
-
-def seconds(value) -> float:
-    return value.ToTimedelta().total_seconds()
 
 
 def stream_form(target: str, form: LongForm, speed: float, config_fields: dict) -> Streamed:
@@ -185,10 +181,6 @@ def run_condition(condition: str, target: str, pid: int, args, model_holder: dic
             for f, r, h, o in zip(forms, references, hypotheses, offline)
         ]
     return row
-
-
-def fmt(value, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def markdown(rows: list[dict]) -> str:

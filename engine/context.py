@@ -3,8 +3,9 @@
 Offline Whisper conditions every 30 s window on the text before it
 (``condition_on_previous_text``); a stream decodes one utterance at a time, so without
 this each utterance would be decoded as if it were the first thing ever said. The
-session keeps the finals' text here, in utterance order, and every decode gets its tail as
-the prompt (``DecodeRequest.context``). Like Whisper, it forgets everything at a final it
+session keeps the finals' text here, in utterance order, and every final decode gets its
+tail as the prompt (``DecodeRequest.context``; interims only with
+``DecodeOptions.interim_context``). Like Whisper, it forgets everything at a final it
 cannot trust, so that one bad decode does not propagate through the prompt.
 """
 

@@ -200,14 +200,13 @@ class SpeechModel:
         tokenizer, suppressed_tokens = self._tokenizer(language)
         context = request.context if request.final or opts.interim_context else ""
         previous = self._previous_tokens(tokenizer, request.prompt, context)
-        timestamps = request.final and opts.final_timestamps and not request.prefix
         prompt = self._whisper.get_prompt(
-            tokenizer, previous, without_timestamps=not timestamps, prefix=request.prefix or None
+            tokenizer, previous, without_timestamps=True, prefix=request.prefix or None
         )
         audio_seconds = len(audio) / TARGET_SAMPLE_RATE
         max_length = min(
             self._whisper.max_length,
-            len(prompt) + int(10 + opts.max_tokens_per_second * audio_seconds) * (2 if timestamps else 1),
+            len(prompt) + int(10 + opts.max_tokens_per_second * audio_seconds),
         )
         beam_size = opts.final_beam_size if request.final else opts.interim_beam_size
         temperatures = opts.temperatures if request.final else (0.0,)

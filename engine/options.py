@@ -63,8 +63,6 @@ class DecodeOptions:
             previous finals. Finals never start from an interim's text, so the prompt changes
             only the provisional text, and it cost a third more interim CPU (0.073 -> 0.098
             CPU-s per audio-s, ``bench/decode_cost.py --context all`` vs ``finals``). Off.
-        final_timestamps: decode finals with Whisper's timestamp tokens, as offline
-            transcription does (measured: no better per utterance, so off).
         max_tokens_per_second: cap on generated tokens per second of audio, a guard
             against runaway repetition.
         no_speech_threshold: a decode whose no-speech probability is above this, and whose
@@ -98,7 +96,6 @@ class DecodeOptions:
     fallback_on_low_logprob: bool = False
     compression_ratio_threshold: float = 2.4
     interim_context: bool = False
-    final_timestamps: bool = False
     max_interim_wait: float = 0.5
 
 

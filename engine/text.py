@@ -4,7 +4,7 @@ Whisper's own guard against a looping decode is the gzip compression ratio of it
 which cannot see a loop in a short text: "S X X X X X X X X X X X" or ". . . . . . . ."
 compress too little. Sampling at the higher temperatures of the fallback produces exactly
 such texts now and then, with an average log-probability good enough to pass, so every
-candidate is also checked for a run of one repeated word.
+candidate is also checked for a word or a group of up to four words repeated four times.
 """
 
 from __future__ import annotations
