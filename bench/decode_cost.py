@@ -10,6 +10,7 @@ setting to see what each one is worth.
     python bench/decode_cost.py --blas-threads 2                  # numpy BLAS unrestricted
     python bench/decode_cost.py --interim-min-frames 1000 --interim-interval-ms 700
     python bench/decode_cost.py --context all                     # interims prompted with it too
+    python bench/decode_cost.py --interim-window-ms 0             # every interim: whole utterance
 """
 
 from __future__ import annotations
@@ -28,7 +29,18 @@ from bench.streaming import long_form  # noqa: E402
 from engine.context import SpokenContext  # noqa: E402
 from engine.model import DecodeRequest, SpeechModel  # noqa: E402
 from engine.options import DecodeOptions, ModelOptions, StreamingOptions  # noqa: E402
-from engine.recognizer import InterimDue, LocalAgreement, StreamingRecognizer, UtteranceEnded  # noqa: E402
+from engine.recognizer import InterimDue, InterimWindow, StreamingRecognizer, UtteranceEnded  # noqa: E402
+
+
+def wer(references: list[str], hypotheses: list[str]) -> float | None:
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalise = EnglishTextNormalizer()
+    pairs = [(normalise(r), normalise(h)) for r, h in zip(references, hypotheses) if normalise(r).strip()]
+    if not pairs:
+        return None
+    return jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])
 
 
 def main() -> None:
@@ -38,6 +50,7 @@ def main() -> None:
     parser.add_argument("--final-min-frames", type=int, default=DecodeOptions.min_encoder_frames)
     parser.add_argument("--final-padding-frames", type=int, default=DecodeOptions.final_padding_frames)
     parser.add_argument("--interim-interval-ms", type=int, default=StreamingOptions.interim_interval_ms)
+    parser.add_argument("--interim-window-ms", type=int, default=StreamingOptions.interim_window_ms)
     parser.add_argument("--first-interim-ms", type=int, default=StreamingOptions.first_interim_ms)
     parser.add_argument("--blas-threads", type=int, default=1, help="numpy BLAS threads (engine: 1)")
     parser.add_argument("--threads", type=int, default=1, help="CTranslate2 threads")
@@ -65,11 +78,15 @@ def main() -> None:
     options = dataclasses.replace(
         StreamingOptions(),
         interim_interval_ms=args.interim_interval_ms,
+        interim_window_ms=args.interim_window_ms,
         first_interim_ms=args.first_interim_ms,
     )
-    recognizer, agreement, context = StreamingRecognizer(options), LocalAgreement(), SpokenContext()
+    recognizer, context = StreamingRecognizer(options), SpokenContext()
+    window = InterimWindow(options.interim_window_ms / 1000)
     cpu = {"vad": 0.0, "interim": 0.0, "final": 0.0}
     counts = {"interim": 0, "final": 0}
+    last_interims, finals = [], []
+    interim = ""
     for start in range(0, len(audio), 1600):
         began = time.process_time()
         events = recognizer.accept(audio[start : start + 1600])
@@ -77,18 +94,29 @@ def main() -> None:
         for event in events:
             began = time.process_time()
             if isinstance(event, InterimDue):
-                spoken = context.text if args.context == "all" else ""
-                request = DecodeRequest(final=False, prefix=agreement.stable_text, context=spoken)
-                text = model.decode(event.audio, request).text
-                agreement.update(text)
+                plan = window.plan(len(event.audio) / 16000)
+                request = DecodeRequest(
+                    final=False,
+                    context=context.text if args.context == "all" else "",
+                    said_before=plan.said_before,
+                    prefix=plan.prefix,
+                    word_timestamps=plan.align,
+                )
+                hypothesis = model.decode(event.audio[int(plan.start * 16000) :], request)
+                if hypothesis.text and not hypothesis.looped:
+                    interim, _ = window.update(hypothesis.text, hypothesis.words)
                 cpu["interim"] += time.process_time() - began
                 counts["interim"] += 1
             elif isinstance(event, UtteranceEnded):
                 spoken = context.text if args.context != "none" else ""
-                context.add(model.decode(event.audio, DecodeRequest(final=True, context=spoken)))
-                agreement = LocalAgreement()
+                final = model.decode(event.audio, DecodeRequest(final=True, context=spoken))
+                context.add(final)
                 cpu["final"] += time.process_time() - began
                 counts["final"] += 1
+                if interim:
+                    last_interims.append(interim)
+                    finals.append(final.text)
+                window, interim = InterimWindow(options.interim_window_ms / 1000), ""
     seconds = len(audio) / 16000
     result = {
         "settings": vars(args) | {"audio_dir": str(args.audio_dir)},
@@ -96,6 +124,9 @@ def main() -> None:
         "decodes": counts,
         "cpu_per_audio_second": {k: v / seconds for k, v in cpu.items()}
         | {"total": sum(cpu.values()) / seconds},
+        # How far the last interim of each utterance is from its final: interim quality.
+        "last_interim_wer_vs_final": wer(finals, last_interims),
+        "final_and_last_interim": list(zip(finals, last_interims)),
     }
     print(json.dumps(result, indent=2))
 

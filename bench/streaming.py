@@ -5,6 +5,11 @@ Long-form audio is the clips of ../shared/audio joined with pauses (looped to
 chunk leaving when its last sample has been spoken, as from a microphone. Ground truth
 is where each clip starts and ends in the joined audio, independent of the server's VAD.
 
+Streams are independent speakers: stream i starts its long-form at clip i (the audio is
+rotated, so every stream sends the same speech but no two reach a pause at the same moment).
+``--synchronized`` sends every stream the same audio in phase, the worst case, in which every
+stream's utterances end together and their finals queue behind each other.
+
 Figures, per stream and clip or final:
 - final latency from the last word: arrival of a final minus the end offset of its last
   word (word offsets are requested), the definition whisper_streaming's paper uses;
@@ -85,6 +90,26 @@ def long_form(audio_dir: Path, pause: float, minutes: float) -> tuple[np.ndarray
     return np.concatenate(parts), segments
 
 
+def rotate(audio: np.ndarray, segments: list[Segment], clip: int) -> tuple[np.ndarray, list[Segment]]:
+    """The long-form starting at the pause before ``clip``; what came before it follows at
+    the end. The two pauses that meet at the join make one longer pause."""
+    if clip % len(segments) == 0:
+        return audio, segments
+    first = segments[clip % len(segments)]
+    cut_seconds = first.start - (segments[1].start - segments[0].end)  # the pause before it
+    cut, total = round(cut_seconds * 16000), len(audio) / 16000
+    rotated = np.concatenate([audio[cut:], audio[:cut]])
+    moved = [
+        Segment(
+            s.start - cut_seconds if s.start >= cut_seconds else s.start + total - cut_seconds,
+            s.end - cut_seconds if s.start >= cut_seconds else s.end + total - cut_seconds,
+            s.transcript,
+        )
+        for s in segments
+    ]
+    return rotated, sorted(moved, key=lambda s: s.start)
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
@@ -127,15 +152,16 @@ def is_refused(record: StreamRecord) -> bool:
     return record.error is not None and "RESOURCE_EXHAUSTED" in record.error
 
 
-def score(records: list[StreamRecord], segments: list[Segment]) -> dict:
+def score(records: list[StreamRecord], forms: list[list[Segment]]) -> dict:
+    """Figures over the admitted streams; ``forms[i]`` is where record i's clips are."""
     import jiwer
     from whisper_normalizer.english import EnglishTextNormalizer
 
     normalize = EnglishTextNormalizer()
-    reference = normalize(" ".join(seg.transcript for seg in segments))
-    clip_end_latencies, word_latencies, first_results, hypotheses = [], [], [], []
-    admitted = [r for r in records if not is_refused(r)]
-    for record in admitted:
+    clip_end_latencies, word_latencies, first_results, references, hypotheses = [], [], [], [], []
+    admitted = [(r, f) for r, f in zip(records, forms) if not is_refused(r)]
+    for record, segments in admitted:
+        references.append(normalize(" ".join(seg.transcript for seg in segments)))
         hypotheses.append(normalize(" ".join(f.text for f in record.finals)))
         word_latencies += [f.arrival - f.last_word_end for f in record.finals if f.last_word_end is not None]
         for seg in segments:
@@ -147,7 +173,7 @@ def score(records: list[StreamRecord], segments: list[Segment]) -> dict:
                 first_results.append(min(early))
     refused = [r for r in records if is_refused(r)]
     return {
-        "wer": jiwer.wer([reference] * len(hypotheses), hypotheses) if hypotheses else None,
+        "wer": jiwer.wer(references, hypotheses) if hypotheses else None,
         "word_latency_p50": percentile(word_latencies, 50),
         "word_latency_p95": percentile(word_latencies, 95),
         "final_latency_p50": percentile(clip_end_latencies, 50),
@@ -155,10 +181,10 @@ def score(records: list[StreamRecord], segments: list[Segment]) -> dict:
         "first_result_p50": percentile(first_results, 50),
         "first_result_p95": percentile(first_results, 95),
         "admitted": len(admitted),
-        "errors": sum(r.error is not None for r in admitted),
+        "errors": sum(r.error is not None for r, _ in admitted),
         "refused": len(refused),
         "refused_within_s": max((r.wall for r in refused), default=None),
-        "behind_real_time": sum(r.wall > len_seconds(segments) + 5 for r in admitted),
+        "behind_real_time": sum(r.wall > len_seconds(segments) + 5 for r, segments in admitted),
     }
 
 
@@ -235,7 +261,13 @@ def bench_server(audio, segments, streams: int, args) -> dict:
         rss = [(0.0, rss_mb(server.pid))]
         cpu_before = cpu_seconds(server.pid)
         records = [StreamRecord() for _ in range(streams)]
-        threads = [threading.Thread(target=run_stream, args=(target, audio, r, args.words)) for r in records]
+        forms = [
+            (audio, segments) if args.synchronized else rotate(audio, segments, i) for i in range(streams)
+        ]
+        threads = [
+            threading.Thread(target=run_stream, args=(target, form, r, args.words))
+            for r, (form, _) in zip(records, forms)
+        ]
         started = time.monotonic()
         for thread in threads:
             thread.start()
@@ -246,7 +278,7 @@ def bench_server(audio, segments, streams: int, args) -> dict:
     finally:
         server.terminate()
         server.wait(timeout=60)
-    result = score(records, segments)
+    result = score(records, [segs for _, segs in forms])
     audio_seconds = result["admitted"] * len(audio) / 16000  # refused streams sent nothing
     result.update(
         streams=streams,
@@ -273,6 +305,11 @@ def main() -> None:
         help="server exports OTLP to a receiver here (default: OTEL_SDK_DISABLED)",
     )
     parser.add_argument("--plot", action="store_true", help="write latency_vs_streams.png")
+    parser.add_argument(
+        "--synchronized",
+        action="store_true",
+        help="every stream sends the same audio in phase (worst case) instead of starting at its own clip",
+    )
     parser.add_argument(
         "--max-streams",
         type=int,

@@ -33,6 +33,7 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
         defaults.default_streaming,
         silence_duration_ms=args.silence_ms,
         interim_interval_ms=args.interim_interval_ms,
+        interim_window_ms=args.interim_window_ms,
         speculative_final_ms=args.speculative_final_ms,
         vad_refresh_ms=args.vad_refresh_ms,
         short_utterance_ms=args.short_utterance_ms,
@@ -106,6 +107,12 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="start the final decode after this much silence, before the endpoint (0: off)",
     )
     parser.add_argument("--interim-interval-ms", type=int, default=int(e("interim_interval_ms", "1000")))
+    parser.add_argument(
+        "--interim-window-ms",
+        type=int,
+        default=int(e("interim_window_ms", "4000")),
+        help="most audio an interim decodes; older agreed words become its prompt (0: whole utterance)",
+    )
     parser.add_argument(
         "--short-utterance-ms",
         type=int,

@@ -50,8 +50,10 @@ class DecodeRequest:
         prompt: the client's hot words / context, given to the decoder as previous text.
         context: what the stream said before this utterance (its recent finals), given to the
             decoder after ``prompt``, as offline Whisper conditions on previous text.
+        said_before: words of this utterance spoken before the decoded audio (an interim
+            decoding only its recent part), given to the decoder as the latest previous text.
         prefix: text the hypothesis must start with (the agreed interim prefix).
-        word_timestamps: align words to audio (finals only).
+        word_timestamps: align words to audio.
         alternatives: number of hypotheses to return (finals only).
     """
 
@@ -59,6 +61,7 @@ class DecodeRequest:
     language: str | None = "en"
     prompt: str = ""
     context: str = ""
+    said_before: str = ""
     prefix: str = ""
     word_timestamps: bool = False
     alternatives: int = 1
@@ -199,7 +202,7 @@ class SpeechModel:
             language = token[2:-2]
         tokenizer, suppressed_tokens = self._tokenizer(language)
         context = request.context if request.final or opts.interim_context else ""
-        previous = self._previous_tokens(tokenizer, request.prompt, context)
+        previous = self._previous_tokens(tokenizer, request.prompt, f"{context} {request.said_before}")
         prompt = self._whisper.get_prompt(
             tokenizer, previous, without_timestamps=True, prefix=request.prefix or None
         )
@@ -274,7 +277,7 @@ class SpeechModel:
         )
         tokens = result.sequences_ids[0] if text == chosen.text else tokenizer.encode(" " + text)
         words: list[Word] = []
-        if is_speech and request.final and request.word_timestamps:
+        if is_speech and request.word_timestamps:
             words = self._align_words(tokenizer, tokens, encoder_output, content_frames)
         logger.debug(
             "%s decode: %.2f s audio, %d encoder frames, %d tokens, %.3f s",

@@ -116,8 +116,12 @@ class StreamingOptions:
         interim_results: whether interim results are produced at all.
         first_interim_ms: speech after onset before the first interim decode (a quick first
             response; later interims follow every ``interim_interval_ms``).
-        interim_interval_ms: new speech audio between two interim decodes. Each interim
-            re-decodes the whole utterance so far, so this sets most of the CPU cost.
+        interim_interval_ms: new speech audio between two interim decodes. This sets most
+            of the interim CPU cost.
+        interim_window_ms: most audio an interim decodes. Beyond it the window moves past
+            the words interims agree on, which are then given as previous text (see
+            ``recognizer.InterimWindow``), so an interim costs the same at any point of a
+            long utterance. 0: every interim decodes the whole utterance so far.
         single_utterance: end the stream after the first utterance.
         short_utterance_ms, short_utterance_silence_ms: an utterance with less speech than
             ``short_utterance_ms`` ends only after ``short_utterance_silence_ms`` of silence
@@ -150,6 +154,7 @@ class StreamingOptions:
     interim_results: bool = True
     first_interim_ms: int = 500
     interim_interval_ms: int = 1000
+    interim_window_ms: int = 4000
     single_utterance: bool = False
     speculative_final_ms: int = 400
     vad_refresh_ms: int = 1000

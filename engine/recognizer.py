@@ -381,3 +381,63 @@ class LocalAgreement:
         combined = self.stable_words + words[len(self.stable_words) :]
         stability = len(self.stable_words) / len(combined) if combined else 0.0
         return " ".join(combined), stability
+
+
+@dataclass
+class InterimPlan:
+    """What the next interim decodes: the utterance audio from ``start`` seconds on, with
+    the words said before it as previous text and the stable words after it forced as the
+    start of the hypothesis; ``align`` asks for word timings so the window can move."""
+
+    start: float
+    said_before: str
+    prefix: str
+    align: bool
+
+
+class InterimWindow:
+    """The audio and text of one utterance's interim decodes.
+
+    Interims decoding the whole open utterance cost more per second the longer it grows:
+    the encoder input lengthens, and the decoder steps through every word again, forced
+    prefix included (CTranslate2 computes each forced token like a generated one). Once
+    the window holds ``window_seconds`` of audio, the next interim is aligned, and the
+    window moves to the end of the last stable word: those words are then given as
+    previous text, which the decoder reads in one pass, instead of as audio. Each interim
+    then decodes at most about ``window_seconds`` of audio and its words, whatever the
+    utterance length. Finals still decode the whole utterance.
+
+    The interim transcript is that of ``LocalAgreement`` over the whole utterance.
+    """
+
+    def __init__(self, window_seconds: float) -> None:
+        self.window_seconds = window_seconds
+        self.agreement = LocalAgreement()
+        self.start = 0.0  # offset of the window in the utterance's audio
+        self._words_before = 0  # stable words spoken before the window
+
+    @property
+    def stable_text(self) -> str:
+        return self.agreement.stable_text
+
+    def plan(self, audio_seconds: float) -> InterimPlan:
+        """The next interim, for an utterance whose audio so far lasts ``audio_seconds``."""
+        stable = self.agreement.stable_words
+        return InterimPlan(
+            start=self.start,
+            said_before=" ".join(stable[: self._words_before]),
+            prefix=" ".join(stable[self._words_before :]),
+            align=0 < self.window_seconds <= audio_seconds - self.start,
+        )
+
+    def update(self, text: str, words: list | None = None) -> tuple[str, float]:
+        """Takes the window's hypothesis (and its aligned words, offsets in the window);
+        returns the utterance's interim transcript and its stability."""
+        said_before = self.agreement.stable_words[: self._words_before]
+        transcript, stability = self.agreement.update(" ".join([*said_before, text]) if said_before else text)
+        movable = len(self.agreement.stable_words) - self._words_before
+        # Words and text must correspond one to one to know where the stable ones end.
+        if words and movable > 0 and len(words) == len(text.split()):
+            self.start += words[movable - 1].end
+            self._words_before += movable
+        return transcript, stability

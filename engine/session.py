@@ -34,11 +34,12 @@ from .audio import AudioDecoder
 from .context import SpokenContext
 from .errors import SttError, invalid_argument, out_of_range
 from .model import DecodeRequest, Hypothesis, SpeechModel
-from .options import ServerOptions
+from .options import TARGET_SAMPLE_RATE, ServerOptions
 from .recognizer import (
     EndpointLikely,
     InterimDue,
-    LocalAgreement,
+    InterimPlan,
+    InterimWindow,
     SpeechResumed,
     SpeechStarted,
     StreamingRecognizer,
@@ -112,7 +113,7 @@ class StreamSession:
         self._context = SpokenContext()
         # Done once the text of every ended utterance's final is in the context.
         self._context_ready: asyncio.Future | None = None
-        self._agreement = LocalAgreement()
+        self._window = InterimWindow(options.default_streaming.interim_window_ms / 1000)
         self._received_seconds = 0.0
         self._stopping = False
         self._single_utterance_done = False
@@ -296,14 +297,15 @@ class StreamSession:
         response.total_billed_time.CopyFrom(duration(self._received_seconds))
         self._out.put_nowait(response)
 
-    def _request(self, final: bool, prefix: str = "") -> DecodeRequest:
+    def _request(self, final: bool, plan: InterimPlan | None = None) -> DecodeRequest:
         return DecodeRequest(
             final=final,
             language=self.settings.language,
             prompt=self.settings.prompt,
             context=self._context.text,
-            prefix=prefix,
-            word_timestamps=final and self.settings.word_time_offsets,
+            said_before=plan.said_before if plan else "",
+            prefix=plan.prefix if plan else "",
+            word_timestamps=(final and self.settings.word_time_offsets) or (plan is not None and plan.align),
             alternatives=self.settings.alternatives if final else 1,
         )
 
@@ -318,10 +320,14 @@ class StreamSession:
         self._interim = asyncio.create_task(self._run_interim(event))
 
     async def _run_interim(self, event: InterimDue) -> None:
-        request = self._request(final=False, prefix=self._agreement.stable_text)
-        observer = self.telemetry.decode("interim", event.utterance_index, event.start, event.end)
+        window = self._window
+        plan = window.plan(len(event.audio) / TARGET_SAMPLE_RATE)
+        observer = self.telemetry.decode(
+            "interim", event.utterance_index, event.start + plan.start, event.end
+        )
+        audio = event.audio[round(plan.start * TARGET_SAMPLE_RATE) :]
         try:
-            hypothesis = await self.scheduler.decode(event.audio, request, observer)
+            hypothesis = await self.scheduler.decode(audio, self._request(final=False, plan=plan), observer)
         except StaleInterim:
             return  # the server is behind; interims thin out, finals do not
         except Exception:
@@ -331,7 +337,7 @@ class StreamSession:
             return  # the utterance ended meanwhile; its final supersedes this
         if not hypothesis.text or hypothesis.looped:
             return  # nothing, or a looping guess: the next interim or the final does better
-        text, stability = self._agreement.update(hypothesis.text)
+        text, stability = window.update(hypothesis.text, hypothesis.words)
         self._put(
             stt_pb2.StreamingRecognizeResponse(
                 result=stt_pb2.StreamingRecognitionResult(
@@ -342,7 +348,7 @@ class StreamSession:
                     ],
                     is_final=False,
                     stability=stability,
-                    stable_transcript=self._agreement.stable_text,
+                    stable_transcript=window.stable_text,
                     result_start_offset=duration(event.start),
                     result_end_offset=duration(event.end),
                     utterance_index=event.utterance_index,
@@ -399,7 +405,7 @@ class StreamSession:
     def _start_final(self, event: UtteranceEnded) -> None:
         if self._interim is not None and not self._interim.done():
             self._interim.cancel()
-        self._agreement = LocalAgreement()
+        self._window = InterimWindow(self.settings.streaming.interim_window_ms / 1000)
         # Delivered finals are dropped so an hours-long stream keeps a short list; a failed
         # one stays until _deliver_finals reports it.
         self._finals = [t for t in self._finals if not t.done() or (not t.cancelled() and t.exception())]

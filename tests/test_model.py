@@ -11,6 +11,7 @@ import pytest
 
 from engine.model import DecodeRequest, SpeechModel
 from engine.options import DecodeOptions, ModelOptions
+from engine.recognizer import InterimWindow
 from engine.scheduler import InferenceScheduler, StaleInterim
 from engine.text import has_words, is_repetition_loop
 from tests.helpers import JFK_TEXT, wer
@@ -46,6 +47,24 @@ def test_encoder_input_is_sized_to_the_audio(model, jfk):
     assert short.encoder_frames == DecodeOptions().interim_min_encoder_frames
     assert final.encoder_frames == 200 + DecodeOptions().final_padding_frames  # 2 s + 10 s
     assert short.beam_size == 1
+
+
+def test_interims_decode_a_bounded_window_of_a_long_utterance(model, jfk):
+    # JFK's 11 s as one utterance, an interim every second: past 4 s of window, the agreed
+    # words move from audio to prompt, and the transcript stays whole.
+    window, decoded, transcript = InterimWindow(4.0), [], ""
+    for end in range(8000, len(jfk) + 1, 16000):
+        plan = window.plan(end / 16000)
+        request = DecodeRequest(
+            final=False, said_before=plan.said_before, prefix=plan.prefix, word_timestamps=plan.align
+        )
+        hypothesis = model.decode(jfk[round(plan.start * 16000) : end], request)
+        decoded.append(hypothesis.audio_seconds)
+        if hypothesis.text and not hypothesis.looped:
+            transcript, _ = window.update(hypothesis.text, hypothesis.words)
+    assert window.start > 4.0, "the window never moved"
+    assert max(decoded) < 4.0 + 1.0 + 0.5, decoded  # the window, one interval and the edge
+    assert wer([JFK_TEXT], [transcript]) < 0.1, transcript
 
 
 def test_silence_is_not_speech(model):

@@ -7,6 +7,7 @@ from engine.options import StreamingOptions
 from engine.recognizer import (
     AudioBuffer,
     EndpointLikely,
+    InterimWindow,
     LocalAgreement,
     SpeechResumed,
     SpeechStarted,
@@ -196,3 +197,36 @@ def test_local_agreement_prefix_only_grows():
     assert text == "And so, my fellow Americans"
     text, _ = agreement.update("completely different words")
     assert text.startswith("And so, my fellow")
+
+
+def test_interim_window_moves_past_agreed_words_once_it_is_full():
+    from engine.model import Word
+
+    window = InterimWindow(4.0)
+    plan = window.plan(2.5)
+    assert (plan.start, plan.said_before, plan.prefix, plan.align) == (0.0, "", "", False)
+    window.update("And so my fellow")
+    window.update("And so my fellow Americans")  # agrees on "And so my fellow"
+    plan = window.plan(4.5)
+    assert plan.prefix == "And so my fellow" and plan.align and plan.start == 0.0
+    said = "And so my fellow Americans ask"
+    words = [Word(w, i * 0.5, i * 0.5 + 0.4, 0.9) for i, w in enumerate(said.split())]
+    text, _ = window.update(said, words)
+    assert window.stable_text == "And so my fellow Americans"
+    # The window now starts where the last agreed word ends, and those words become the prompt.
+    plan = window.plan(5.5)
+    assert plan.start == 2.4 and plan.said_before == "And so my fellow Americans" and plan.prefix == ""
+    assert not plan.align  # 3.1 s of window: not full
+    text, stability = window.update("ask not what")
+    assert text == "And so my fellow Americans ask not what" and stability == 6 / 8
+    # Words that do not match the text one to one cannot place the window: it stays.
+    window.update("ask not what your", words[:2])
+    assert window.start == 2.4 and window.stable_text == "And so my fellow Americans ask not what"
+
+
+def test_a_zero_window_decodes_the_whole_utterance():
+    window = InterimWindow(0)
+    window.update("and so my")
+    window.update("and so my fellow")
+    plan = window.plan(25.0)
+    assert plan.start == 0.0 and not plan.align and plan.prefix == "and so my"
