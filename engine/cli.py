@@ -44,6 +44,10 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
         max_concurrent_streams=args.max_streams,
         max_stream_seconds=args.max_stream_seconds,
         max_chunk_bytes=args.max_chunk_bytes,
+        max_recognize_seconds=args.max_recognize_seconds,
+        config_timeout_seconds=args.config_timeout_seconds,
+        idle_timeout_seconds=args.idle_timeout_seconds,
+        max_backlog_seconds=args.max_backlog_seconds,
         drain_seconds=args.drain_seconds,
         default_streaming=streaming,
         decode=decode,
@@ -60,10 +64,38 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
     return server, model
 
 
+def _number(kind: type, low: float, high: float | None = None):
+    """An argparse type: a ``kind`` (int or float) from ``low`` to ``high``. Defaults from
+    ``STT_*`` variables are strings and pass through it too, so a bad variable is a usage
+    error naming the flag, not a traceback."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low:g}" if high is None else f"from {low:g} to {high:g}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {bounds}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _address(text: str) -> str:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (port 0-65535)")
+    return text
+
+
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     e = env_default
     parser.add_argument(
         "--address",
+        type=_address,
         default=e("address", "0.0.0.0:50051"),
         help="listen address (env STT_ADDRESS; port 0 picks a free port)",
     )
@@ -76,54 +108,93 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=e("device", "cpu"), help="cpu, cuda or auto")
     parser.add_argument("--compute-type", default=e("compute_type", "int8"))
     parser.add_argument(
-        "--threads", type=int, default=int(e("threads", "1")), help="CPU threads per inference worker"
+        "--threads",
+        type=_number(int, 1, 64),
+        default=e("threads", "1"),
+        help="CPU threads per inference worker",
     )
     parser.add_argument(
-        "--workers", type=int, default=int(e("workers", "2")), help="inference calls run in parallel"
+        "--workers",
+        type=_number(int, 1, 64),
+        default=e("workers", "2"),
+        help="inference calls run in parallel",
     )
     parser.add_argument(
         "--warmup-runs",
-        type=int,
-        default=int(e("warmup_runs", "1")),
+        type=_number(int, 0, 100),
+        default=e("warmup_runs", "1"),
         help="warm-up decode rounds before reporting SERVING",
     )
-    parser.add_argument("--max-streams", type=int, default=int(e("max_streams", "32")))
-    parser.add_argument("--max-stream-seconds", type=float, default=float(e("max_stream_seconds", "3600")))
-    parser.add_argument("--max-chunk-bytes", type=int, default=int(e("max_chunk_bytes", "1048576")))
-    parser.add_argument("--drain-seconds", type=float, default=float(e("drain_seconds", "30")))
+    parser.add_argument("--max-streams", type=_number(int, 1, 100000), default=e("max_streams", "32"))
+    parser.add_argument(
+        "--max-stream-seconds", type=_number(float, 1), default=e("max_stream_seconds", "3600")
+    )
+    parser.add_argument(
+        "--max-chunk-bytes", type=_number(int, 1024, 16 << 20), default=e("max_chunk_bytes", "1048576")
+    )
+    parser.add_argument(
+        "--max-recognize-seconds",
+        type=_number(float, 1, 3600),
+        default=e("max_recognize_seconds", "300"),
+        help="longest audio one Recognize call takes",
+    )
+    parser.add_argument(
+        "--config-timeout-seconds",
+        type=_number(float, 0.1, 600),
+        default=e("config_timeout_seconds", "10"),
+        help="a stream must send its config within this long",
+    )
+    parser.add_argument(
+        "--idle-timeout-seconds",
+        type=_number(float, 0.1, 3600),
+        default=e("idle_timeout_seconds", "15"),
+        help="a stream that sends nothing for this long ends (OUT_OF_RANGE STT_AUDIO_TIMEOUT)",
+    )
+    parser.add_argument(
+        "--max-backlog-seconds",
+        type=_number(float, 5, 3600),
+        default=e("max_backlog_seconds", "60"),
+        help="undecoded audio of ended utterances per stream before the server stops reading it",
+    )
+    parser.add_argument("--drain-seconds", type=_number(float, 0, 3600), default=e("drain_seconds", "30"))
     parser.add_argument(
         "--memory-release-seconds",
-        type=float,
-        default=float(e("memory_release_seconds", "10")),
+        type=_number(float, 0),
+        default=e("memory_release_seconds", "10"),
         help="return freed heap memory to the OS this often (glibc malloc_trim; 0: never)",
     )
     parser.add_argument(
-        "--silence-ms", type=int, default=int(e("silence_ms", "700")), help="default endpoint silence"
+        "--silence-ms",
+        type=_number(int, 100, 5000),
+        default=e("silence_ms", "700"),
+        help="default endpoint silence",
     )
     parser.add_argument(
         "--speculative-final-ms",
-        type=int,
-        default=int(e("speculative_final_ms", "400")),
+        type=_number(int, 0, 5000),
+        default=e("speculative_final_ms", "400"),
         help="start the final decode after this much silence, before the endpoint (0: off)",
     )
-    parser.add_argument("--interim-interval-ms", type=int, default=int(e("interim_interval_ms", "1000")))
+    parser.add_argument(
+        "--interim-interval-ms", type=_number(int, 200, 10000), default=e("interim_interval_ms", "1000")
+    )
     parser.add_argument(
         "--interim-window-ms",
-        type=int,
-        default=int(e("interim_window_ms", "4000")),
+        type=_number(int, 0, 28000),
+        default=e("interim_window_ms", "4000"),
         help="most audio an interim decodes; older agreed words become its prompt (0: whole utterance)",
     )
     parser.add_argument(
         "--short-utterance-ms",
-        type=int,
-        default=int(e("short_utterance_ms", "1000")),
+        type=_number(int, 0, 10000),
+        default=e("short_utterance_ms", "1000"),
         help="an utterance with less speech than this ends after 1.5 s of silence, not the "
         "endpoint silence, so a slow speaker's single words are decoded together (0: off)",
     )
     parser.add_argument(
         "--vad-refresh-ms",
-        type=int,
-        default=int(e("vad_refresh_ms", "1000")),
+        type=_number(int, 0, 60000),
+        default=e("vad_refresh_ms", "1000"),
         help="reset the VAD's fresh state, which scores beside the carried one, after this much "
         "non-speech (0: carried state only)",
     )
@@ -144,8 +215,8 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     metrics_port = e("metrics_port", "")
     parser.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(metrics_port) if metrics_port else None,
+        type=_number(int, 0, 65535),
+        default=metrics_port or None,
         help="serve Prometheus metrics on this port (env STT_METRICS_PORT)",
     )
     parser.add_argument(
@@ -173,9 +244,31 @@ def _telemetry(args: argparse.Namespace, enabled: bool | None = None) -> Telemet
     return telemetry
 
 
+def model_problem(model: str) -> str | None:
+    """Why ``--model`` cannot be loaded, found before anything starts; None if it may be."""
+    from faster_whisper.utils import available_models
+
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model.bin").is_file():
+            return f"--model {model}: not a CTranslate2 model directory (it has no model.bin)"
+        return None
+    if model.startswith(("/", ".", "~")) or model.count("/") > 1:
+        return f"--model {model}: no such directory"
+    if "/" in model:
+        return None  # a Hugging Face repo id, downloaded when the server loads it
+    if model not in available_models():
+        return f"--model {model}: unknown model name; use a path or one of {', '.join(available_models())}"
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
+    problem = model_problem(args.model)
+    if problem:
+        print(f"stt-engine serve: error: {problem}", file=sys.stderr)
+        return 2
     telemetry = _telemetry(args)
     server, model = _server_options(args)
     asyncio.run(serve(server, model, telemetry))
@@ -279,7 +372,7 @@ def _add_transcribe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", default="", help="hot words / context")
     parser.add_argument("--words", action="store_true", help="word time offsets")
     parser.add_argument("--no-interim", action="store_true")
-    parser.add_argument("--chunk-ms", type=int, default=100)
+    parser.add_argument("--chunk-ms", type=_number(int, 10, 10000), default=100)
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:

@@ -47,6 +47,15 @@ class SttError(Exception):
         return rpc_status.to_status(status)
 
 
+def shown(value: str, limit: int = 40) -> str:
+    """A client's string as error messages and logs may quote it: ``repr`` of at most
+    ``limit`` characters, with the length when it was cut, so no client can make us echo
+    (or log) an unbounded value."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def _pack(message) -> any_pb2.Any:
     packed = any_pb2.Any()
     packed.Pack(message)

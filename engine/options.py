@@ -173,6 +173,18 @@ class ServerOptions:
         max_stream_seconds: audio a stream may send before it ends with OUT_OF_RANGE.
         max_chunk_bytes: largest audio chunk in one message.
         max_recognize_bytes: largest audio buffer for the unary Recognize.
+        max_recognize_seconds: longest audio for the unary Recognize; longer audio belongs
+            in a stream. It bounds the memory and the inference time one call can take.
+        config_timeout_seconds: a stream must send its ``streaming_config`` within this
+            long of opening, or it ends with OUT_OF_RANGE ``STT_CONFIG_TIMEOUT``: an
+            unconfigured stream holds a slot while doing nothing.
+        idle_timeout_seconds: a configured stream that sends no message for this long ends
+            with OUT_OF_RANGE ``STT_AUDIO_TIMEOUT`` (its finals delivered). Real-time clients
+            send audio, silence included, every 100 ms or so.
+        max_backlog_seconds: audio of a stream that has ended utterances not yet decoded.
+            Beyond it the server stops reading the stream until its finals catch up, and gRPC
+            flow control pushes back on the sender, so a client sending faster than the
+            server decodes holds bounded memory and cannot flood the inference queue.
         drain_seconds: on SIGTERM, how long in-flight streams may continue before they
             are finalised and closed.
         default_streaming: defaults for what a client's config leaves unset.
@@ -186,6 +198,10 @@ class ServerOptions:
     max_stream_seconds: float = 3600.0
     max_chunk_bytes: int = 1 << 20
     max_recognize_bytes: int = 64 << 20
+    max_recognize_seconds: float = 300.0
+    config_timeout_seconds: float = 10.0
+    idle_timeout_seconds: float = 15.0
+    max_backlog_seconds: float = 60.0
     drain_seconds: float = 30.0
     default_streaming: StreamingOptions = field(default_factory=StreamingOptions)
     decode: DecodeOptions = field(default_factory=DecodeOptions)

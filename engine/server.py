@@ -20,6 +20,7 @@ from otel import Telemetry, TelemetryOptions
 
 from . import __version__
 from .api import stt_pb2_grpc
+from .errors import SttError
 from .memory import can_release_memory, release_periodically
 from .model import SpeechModel
 from .options import ModelOptions, ServerOptions
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 HEALTH_SERVICES = ("", SERVICE_NAME)
 MESSAGE_OVERHEAD = 64 << 10
+# After the drain deadline, how long stopped streams may still decode their last finals.
+FINALS_GRACE_SECONDS = 5.0
 
 
 class SttServer:
@@ -119,7 +122,7 @@ class SttServer:
 
     async def drain_and_stop(self) -> None:
         """NOT_SERVING, refuse new streams, let open ones finish (up to drain_seconds),
-        then finalise the rest and stop."""
+        then finalise the rest and stop: within drain_seconds + FINALS_GRACE_SECONDS + 2 s."""
         if self.service.draining:
             return
         self.service.draining = True
@@ -131,9 +134,21 @@ class SttServer:
             await asyncio.sleep(0.05)
         for session in list(self.service.sessions):
             session.stop()
-        # Stopped sessions still decode and deliver their finals.
-        final_deadline = time.monotonic() + 30
+        # Stopped sessions still decode and deliver the finals of what they received, for a
+        # short grace; whatever is still open then ends with a status the client can act on.
+        final_deadline = time.monotonic() + FINALS_GRACE_SECONDS
         while self.service.sessions and time.monotonic() < final_deadline:
+            await asyncio.sleep(0.05)
+        for session in list(self.service.sessions):
+            session.abort(
+                SttError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "STT_SERVER_SHUTTING_DOWN",
+                    "the server shut down before this stream's last finals were decoded; "
+                    "retry the rest on another instance",
+                )
+            )
+        while self.service.sessions and time.monotonic() < final_deadline + 1.0:
             await asyncio.sleep(0.05)
         if self._server is not None:
             await self._server.stop(grace=1.0)
@@ -160,10 +175,13 @@ async def serve(options: ServerOptions, model_options: ModelOptions, telemetry: 
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain_and_stop()))
     try:
         await server.load()
-    except Exception:
-        logger.exception("model failed to load; exiting")
+    except Exception as exc:
+        # One line for the operator; the traceback only at DEBUG.
+        logger.error("model %s failed to load: %s; exiting", model_options.model, " ".join(str(exc).split()))
+        logger.debug("model load failure", exc_info=True)
         await server.drain_and_stop()
-        raise
+        await asyncio.to_thread(telemetry.shutdown)
+        raise SystemExit(1) from None
     await server.wait_stopped()
     # Everything recorded before SIGTERM, the drained streams included, leaves now.
     await asyncio.to_thread(telemetry.shutdown)

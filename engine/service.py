@@ -53,6 +53,7 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         self.model: SpeechModel | None = None
         self.scheduler: InferenceScheduler | None = None
         self.sessions: set[StreamSession] = set()
+        self.recognizing = 0  # unary Recognize calls in progress
         self.draining = False
 
     @property
@@ -76,6 +77,14 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
                 "STT_MODEL_LOADING",
                 "the model is still loading; retry when health reports SERVING",
             )
+        # One limit for streams and unary calls: each holds audio and inference work.
+        if len(self.sessions) + self.recognizing >= self.options.max_concurrent_streams:
+            raise SttError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "STT_TOO_MANY_STREAMS",
+                f"the server is at its limit of {self.options.max_concurrent_streams} "
+                "concurrent streams and Recognize calls; retry later or on another instance",
+            )
 
     async def StreamingRecognize(
         self,
@@ -90,13 +99,6 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
             )
         try:
             self._admit()
-            if len(self.sessions) >= self.options.max_concurrent_streams:
-                raise SttError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "STT_TOO_MANY_STREAMS",
-                    f"the server is at its limit of {self.options.max_concurrent_streams} "
-                    "concurrent streams; retry later or on another instance",
-                )
         except SttError as error:
             await abort_with(context, call, error)
         session = StreamSession(self.model, self.scheduler, self.options, call)
@@ -124,6 +126,10 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         call = self.telemetry.call(RECOGNIZE_METHOD, context.invocation_metadata(), context.peer())
         try:
             self._admit()
+        except SttError as error:
+            await abort_with(context, call, error)
+        self.recognizing += 1
+        try:
             if len(request.audio_content) > self.options.max_recognize_bytes:
                 raise out_of_range(
                     "STT_AUDIO_TOO_LARGE",
@@ -134,11 +140,20 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
             if not request.HasField("config"):
                 raise invalid_argument("STT_CONFIG_MISSING", "config is required", "config")
             settings = recognition_settings(request.config, self.model, self.options.default_streaming)
-            response = await recognize(request.audio_content, settings, self.model, self.scheduler, call)
+            response = await recognize(
+                request.audio_content,
+                settings,
+                self.model,
+                self.scheduler,
+                call,
+                self.options.max_recognize_seconds,
+            )
             call.finished("OK")
             return response
         except SttError as error:
             await abort_with(context, call, error)
+        finally:
+            self.recognizing -= 1
 
     async def GetServerInfo(
         self, request: stt_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext

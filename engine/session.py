@@ -110,6 +110,13 @@ class StreamSession:
         self._interim: asyncio.Task | None = None
         self._finals: list[asyncio.Task] = []
         self._speculation: asyncio.Future | None = None  # a final decode started in a pause
+        self._config_read: asyncio.Future | None = None
+        self._reading = False
+        # Audio of ended utterances whose finals are not decoded yet, and whether it is
+        # within the limit (reading waits for it).
+        self._backlog_seconds = 0.0
+        self._caught_up = asyncio.Event()
+        self._caught_up.set()
         self._context = SpokenContext()
         # Done once the text of every ended utterance's final is in the context.
         self._context_ready: asyncio.Future | None = None
@@ -122,7 +129,7 @@ class StreamSession:
     async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[stt_pb2.StreamingRecognizeResponse]:
         """Yields responses; raises SttError after delivering every final it owes."""
         try:
-            first = await anext(requests, None)
+            first = await self._first_message(requests)
             if first is None or not first.HasField("streaming_config"):
                 got = "end of stream" if first is None else "audio_content"
                 raise invalid_argument(
@@ -163,11 +170,42 @@ class StreamSession:
         finally:
             self._close()
 
+    async def _first_message(self, requests: AsyncIterator[Any]) -> Any:
+        """The stream's first message, within the config timeout (or until shutdown)."""
+        timeout = self.options.config_timeout_seconds
+        self._config_read = asyncio.ensure_future(anext(requests, None))
+        try:
+            return await asyncio.wait_for(self._config_read, timeout)
+        except TimeoutError:
+            raise out_of_range(
+                "STT_CONFIG_TIMEOUT",
+                f"no streaming_config within {timeout:g} s of opening the stream",
+                "streaming_config",
+            ) from None
+        except asyncio.CancelledError:
+            if not self._stopping:
+                raise
+            raise SttError(
+                grpc.StatusCode.UNAVAILABLE,
+                "STT_SERVER_SHUTTING_DOWN",
+                "the server is shutting down; retry on another instance",
+            ) from None
+        finally:
+            self._config_read = None
+
     def stop(self) -> None:
         """Server shutdown: stop reading, finalise what was received, then end."""
         self._stopping = True
-        if self._reader is not None and not self._reader.done():
-            self._reader.cancel()
+        if self._config_read is not None and not self._config_read.done():
+            self._config_read.cancel()  # never configured: nothing to finalise
+        if self._reader is not None and not self._reader.done() and self._reading:
+            self._reader.cancel()  # past reading it only delivers finals: let it
+
+    def abort(self, error: SttError) -> None:
+        """Ends the stream now with ``error``: the shutdown deadline passed before its
+        finals were decoded."""
+        self._close()
+        self._out.put_nowait(error)
 
     def _close(self) -> None:
         self._discard_speculation()
@@ -186,8 +224,23 @@ class StreamSession:
             self.settings.language or "auto",
             self.settings.streaming.interim_results,
         )
+        idle = self.options.idle_timeout_seconds
+        self._reading = True
         try:
-            async for request in requests:
+            while True:
+                await self._caught_up.wait()  # backpressure: the stream's finals are behind
+                try:
+                    async with asyncio.timeout(idle):
+                        request = await anext(requests, None)
+                except TimeoutError:
+                    raise out_of_range(
+                        "STT_AUDIO_TIMEOUT",
+                        f"no audio for {idle:g} s; send audio (silence included) in real time, "
+                        "or half-close the stream when done",
+                        "audio_content",
+                    ) from None
+                if request is None:
+                    break
                 if request.HasField("streaming_config"):
                     raise invalid_argument(
                         "STT_CONFIG_DUPLICATE",
@@ -210,6 +263,7 @@ class StreamSession:
         except Exception:
             logger.exception("reading the stream failed")
             error = SttError(grpc.StatusCode.INTERNAL, "STT_INTERNAL", "internal server error")
+        self._reading = False
         try:
             # Whatever was received before the end or the error is still transcribed.
             if not self._single_utterance_done:
@@ -413,6 +467,14 @@ class StreamSession:
         decode = self._take_speculation(event) or self._decode_final(event, speculative=False)
         self._context_ready = asyncio.ensure_future(self._remember(decode, self._context_ready))
         self._finals.append(asyncio.create_task(self._run_final(event, decode, previous)))
+        self._add_backlog(event.end - event.start)
+
+    def _add_backlog(self, seconds: float) -> None:
+        self._backlog_seconds += seconds
+        if self._backlog_seconds > self.options.max_backlog_seconds:
+            self._caught_up.clear()
+        else:
+            self._caught_up.set()
 
     async def _run_final(
         self, event: UtteranceEnded, decode: asyncio.Future, previous: asyncio.Task | None
@@ -420,6 +482,7 @@ class StreamSession:
         try:
             hypothesis = await decode
         finally:
+            self._add_backlog(-(event.end - event.start))
             if previous is not None:
                 await asyncio.wait([previous])  # results leave in utterance order
         if hypothesis.is_speech:
@@ -449,16 +512,31 @@ async def recognize(
     model: SpeechModel,
     scheduler: InferenceScheduler,
     telemetry: CallTelemetry,
+    max_seconds: float,
 ) -> stt_pb2.RecognizeResponse:
     """Unary recognition: segment the whole buffer, decode every utterance."""
     decoder = AudioDecoder(settings.encoding, settings.sample_rate, settings.channels)
+    seconds = decoder.seconds(len(audio_content))
+    if seconds > max_seconds:
+        raise out_of_range(
+            "STT_AUDIO_TOO_LONG",
+            f"audio_content holds {seconds:.1f} s of audio; Recognize takes at most {max_seconds:g} s "
+            "(stream longer audio with StreamingRecognize)",
+            "audio_content",
+        )
     # The whole buffer is here: every endpoint is certain, nothing to speculate on.
     recognizer = StreamingRecognizer(dataclasses.replace(settings.streaming, speculative_final_ms=0))
-    samples = np.concatenate([decoder.decode(audio_content), decoder.flush()])
-    events = [e for e in recognizer.accept(samples) + recognizer.finish() if isinstance(e, UtteranceEnded)]
+
+    def segment() -> list[UtteranceEnded]:
+        samples = np.concatenate([decoder.decode(audio_content), decoder.flush()])
+        return [e for e in recognizer.accept(samples) + recognizer.finish() if isinstance(e, UtteranceEnded)]
+
+    # Minutes of audio take seconds to decode and segment: not on the event loop, which
+    # serves every stream and the health checks.
+    events = await asyncio.to_thread(segment)
     # One after another, each conditioned on the finals before it, as offline Whisper does.
     context = SpokenContext()
-    response = stt_pb2.RecognizeResponse(total_billed_time=duration(decoder.seconds(len(audio_content))))
+    response = stt_pb2.RecognizeResponse(total_billed_time=duration(seconds))
     for event in events:
         request = DecodeRequest(
             final=True,

@@ -10,12 +10,16 @@ from dataclasses import dataclass
 
 from .api import stt_pb2
 from .audio import MAX_CHANNELS, MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SUPPORTED_ENCODINGS
-from .errors import invalid_argument
+from .errors import invalid_argument, shown
 from .model import SpeechModel
 from .options import StreamingOptions
 
 MAX_UTTERANCE_MS = 28000  # one Whisper window (30 s) minus padding
 MAX_ALTERNATIVES = 5
+# Whisper reads at most 111 tokens of hot words (half its previous-text budget), about
+# 500 characters of English; a longer prompt is cut, and one of megabytes would be
+# tokenized again on every decode.
+MAX_PROMPT_CHARS = 1000
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,15 @@ def recognition_settings(
     if config.model and config.model not in (model.name, model.path):
         raise invalid_argument(
             "STT_MODEL_UNAVAILABLE",
-            f"{f}model={config.model!r} is not loaded; this server serves {model.name!r}",
+            f"{f}model={shown(config.model)} is not loaded; this server serves {model.name!r}",
             f + "model",
+        )
+    if len(config.prompt) > MAX_PROMPT_CHARS:
+        raise invalid_argument(
+            "STT_PROMPT_TOO_LONG",
+            f"{f}prompt has {len(config.prompt)} characters; at most {MAX_PROMPT_CHARS} "
+            "(Whisper reads about 500 characters of hot words)",
+            f + "prompt",
         )
     alternatives = config.max_alternatives or 1
     _check_range(alternatives, 1, MAX_ALTERNATIVES, f + "max_alternatives", "")
@@ -135,7 +146,7 @@ def _language(code: str, model: SpeechModel, field: str) -> str | None:
         supported = ", ".join(model.languages[:10]) + ("..." if len(model.languages) > 10 else "")
         raise invalid_argument(
             "STT_LANGUAGE_UNSUPPORTED",
-            f"{field}={code!r} is not supported by model {model.name!r} (supports: {supported})",
+            f"{field}={shown(code)} is not supported by model {model.name!r} (supports: {supported})",
             field,
         )
     return primary

@@ -82,10 +82,13 @@ def env_sample(action: argparse.Action) -> tuple[str, object]:
         return choice, choice
     if action.const is True:  # store_true
         return "true", True
-    if action.type is int:
-        return "7", 7
-    if action.type is float:
-        return "7.5", 7.5
+    kind = getattr(action.type, "__name__", None)  # range-checked int and float types
+    if kind in ("int", "float"):
+        default = action.type(action.default) if isinstance(action.default, str) else action.default or 0
+        value = default + (1 if kind == "int" else 0.5)
+        return str(value), value
+    if action.dest == "address":
+        return "127.0.0.1:7", None
     return "DEBUG" if action.dest == "log_level" else "/models/custom", None
 
 

@@ -1,0 +1,363 @@
+"""A careless or hostile client cannot stall or exhaust the server (issue 10).
+
+Each attack runs beside a good real-time stream, which must still get its transcript, and
+health must answer within 1 s throughout.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from engine.api import stt_pb2
+from engine.audio import float_to_linear16
+from engine.client import SpeechClient
+from tests.helpers import JFK_TEXT, REPO, wait_until
+from tests.test_errors import (
+    assert_error,
+    audio_request,
+    check_unaffected,
+    config_request,
+    pcm,
+    run_stream,
+    start_good_stream,
+)
+
+LIMITS = (
+    "--max-streams",
+    "4",
+    "--config-timeout-seconds",
+    "1.5",
+    "--idle-timeout-seconds",
+    "2",
+    "--max-backlog-seconds",
+    "10",
+    "--max-recognize-seconds",
+    "120",
+)
+
+
+@pytest.fixture(scope="module")
+def hardened():
+    from tests.helpers import ServerProcess
+
+    proc = ServerProcess(*LIMITS)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.log()[-3000:]
+
+
+class HealthWatch:
+    """Checks health every 100 ms in the background; records the slowest answer."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.slowest = 0.0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with SpeechClient(self.target) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    status = client.health(timeout=5)
+                    if status != "SERVING":
+                        self.failures.append(status)
+                except grpc.RpcError as error:
+                    self.failures.append(error.code().name)
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                self._stop.wait(0.1)
+
+    def check(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert not self.failures, self.failures
+        assert self.slowest < 1.0, f"health took {self.slowest:.2f} s"
+
+
+@pytest.fixture
+def guarded(hardened, jfk):
+    """The good stream (JFK's 11 s) and the health watch around one attack."""
+    wait_until(lambda: hardened.active_streams() == 0, 30, what="earlier streams to end")
+    good = start_good_stream(hardened, jfk, JFK_TEXT)
+    watch = HealthWatch(hardened.target)
+    yield hardened
+    watch.check()
+    check_unaffected(hardened, good)
+
+
+def test_a_huge_prompt_is_refused_at_once(guarded, jfk):
+    prompt = "hot words " * 200_000  # 2 MB, tokenized on every decode before the limit
+    started = time.monotonic()
+    _, error = run_stream(guarded.target, [config_request(prompt=prompt), *pcm(jfk[:8000])])
+    assert_error(
+        error,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "STT_PROMPT_TOO_LONG",
+        "2000000 characters",
+        "at most 1000",
+        field="streaming_config.config.prompt",
+    )
+    with guarded.client() as client, pytest.raises(grpc.RpcError) as raised:
+        client.speech.Recognize(
+            stt_pb2.RecognizeRequest(
+                config=stt_pb2.RecognitionConfig(encoding=stt_pb2.LINEAR16, prompt=prompt),
+                audio_content=float_to_linear16(jfk[:16000]),
+            )
+        )
+    assert_error(raised.value, grpc.StatusCode.INVALID_ARGUMENT, "STT_PROMPT_TOO_LONG", field="config.prompt")
+    assert time.monotonic() - started < 5
+
+
+def test_client_strings_are_quoted_bounded(guarded):
+    language = "x" * 100_000
+    _, error = run_stream(guarded.target, [config_request(language_code=language)])
+    # INVALID_ARGUMENT, not RESOURCE_EXHAUSTED from a 100 KB status message.
+    assert_error(
+        error,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "STT_LANGUAGE_UNSUPPORTED",
+        "(100000 characters)",
+        field="streaming_config.config.language_code",
+    )
+    assert len(error.details()) < 400
+    _, error = run_stream(guarded.target, [config_request(model="\0" * 1_000_000)])
+    assert_error(
+        error,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "STT_MODEL_UNAVAILABLE",
+        field="streaming_config.config.model",
+    )
+    assert len(error.details()) < 400
+    longest = max(len(line) for line in guarded.log().splitlines())
+    assert longest < 2000, f"a log line of {longest} characters"
+
+
+def test_long_recognize_is_refused_and_shorter_ones_leave_health_alone(guarded):
+    # 2.3 h of MULAW fits the 64 MiB message limit; the duration limit refuses it unread.
+    with guarded.client() as client:
+        config = stt_pb2.RecognitionConfig(encoding=stt_pb2.MULAW, sample_rate_hertz=8000)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as raised:
+            client.speech.Recognize(
+                stt_pb2.RecognizeRequest(config=config, audio_content=b"\xff" * (8000 * 8280)), timeout=60
+            )
+        assert_error(
+            raised.value,
+            grpc.StatusCode.OUT_OF_RANGE,
+            "STT_AUDIO_TOO_LONG",
+            "8280.0 s",
+            "120 s",
+            field="audio_content",
+        )
+        assert time.monotonic() - started < 10
+        # 115 s of room noise: decoded and segmented off the event loop (the watch checks health).
+        rng = np.random.default_rng(3)
+        noise = (0.003 * rng.standard_normal(16000 * 115)).astype(np.float32)
+        response = client.speech.Recognize(
+            stt_pb2.RecognizeRequest(
+                config=stt_pb2.RecognitionConfig(encoding=stt_pb2.LINEAR16),
+                audio_content=float_to_linear16(noise),
+            ),
+            timeout=120,
+        )
+        assert list(response.results) == []
+
+
+def test_recognize_counts_against_the_stream_limit(hardened, jfk):
+    wait_until(lambda: hardened.active_streams() == 0, 30, what="earlier streams to end")
+    release = threading.Event()
+
+    def stalled():
+        yield config_request()
+        while not release.wait(0.5):
+            yield audio_request(b"\0" * 3200)  # silence: alive, never idle
+
+    with hardened.client() as client:
+        calls = [client.stream(stalled()) for _ in range(4)]
+        wait_until(lambda: hardened.active_streams() == 4, 30, what="4 streams")
+        with pytest.raises(grpc.RpcError) as raised:
+            client.speech.Recognize(
+                stt_pb2.RecognizeRequest(
+                    config=stt_pb2.RecognitionConfig(encoding=stt_pb2.LINEAR16),
+                    audio_content=float_to_linear16(jfk[:16000]),
+                )
+            )
+        release.set()
+        for call in calls:
+            assert list(call) == []
+    assert_error(raised.value, grpc.StatusCode.RESOURCE_EXHAUSTED, "STT_TOO_MANY_STREAMS", "Recognize")
+
+
+def test_silent_connections_time_out_and_free_their_slots(guarded, jfk):
+    # Three connections that never send a byte, and one that sends 3 s of speech and stops:
+    # together they would hold every free slot for as long as they liked.
+    release = threading.Event()
+
+    def nothing():
+        release.wait(30)
+        yield from ()
+
+    def speech_then_nothing():
+        yield config_request()
+        yield from pcm(jfk[: 16000 * 3])
+        release.wait(30)
+
+    with guarded.client() as client:
+        started = time.monotonic()
+        idle = [client.stream(nothing()) for _ in range(2)]
+        talker = client.stream(speech_then_nothing())
+        for call in idle:
+            with pytest.raises(grpc.RpcError) as raised:
+                list(call)
+            assert_error(raised.value, grpc.StatusCode.OUT_OF_RANGE, "STT_CONFIG_TIMEOUT", "1.5 s",
+                         field="streaming_config")  # fmt: skip
+        assert time.monotonic() - started < 5
+        responses = []
+        with pytest.raises(grpc.RpcError) as raised:
+            for response in talker:
+                responses.append(response)
+        assert_error(
+            raised.value, grpc.StatusCode.OUT_OF_RANGE, "STT_AUDIO_TIMEOUT", "2 s", field="audio_content"
+        )
+        # Its audio was still transcribed before the status.
+        finals = [
+            r.result.alternatives[0].transcript
+            for r in responses
+            if r.HasField("result") and r.result.is_final
+        ]
+        assert "fellow Americans" in " ".join(finals), finals
+        release.set()
+    wait_until(lambda: guarded.active_streams() <= 1, 10, what="the slots to be free again")
+
+
+def test_a_flooding_stream_is_held_back_and_others_keep_real_time(guarded, jfk):
+    # Ten minutes of speech sent as fast as the server reads it, beside the good stream.
+    data = float_to_linear16(np.tile(jfk, 55))
+    lags: list[float] = []  # audio received minus audio covered by finals, at each response
+
+    def flood():
+        yield config_request()
+        for i in range(0, len(data), 3200):
+            yield audio_request(data[i : i + 3200])
+
+    with guarded.client() as client:
+        call = client.stream(flood())
+
+        def read_responses():
+            decoded = 0.0
+            try:
+                for response in call:
+                    if response.HasField("result") and response.result.is_final:
+                        decoded = response.result.result_end_offset.ToTimedelta().total_seconds()
+                    lags.append(response.total_billed_time.ToTimedelta().total_seconds() - decoded)
+            except grpc.RpcError:
+                pass  # cancelled below
+
+        reader = threading.Thread(target=read_responses, daemon=True)
+        reader.start()
+        time.sleep(10)
+        call.cancel()
+        reader.join(10)
+    # Without backpressure the server reads all 605 s within a second or two and the lag
+    # grows to hundreds of seconds. With it, reading waits while more than the 10 s backlog
+    # of ended utterances is undecoded: the lag stays under that plus one open utterance
+    # (at most 20 s) and the chunk in hand.
+    assert lags and max(lags) < 10 + 20 + 2, f"received audio ran {max(lags):.0f} s ahead of finals"
+    assert lags[-1] > 30 or len(lags) > 20, "the flood never got going"
+
+
+def test_drain_ends_every_stream_by_the_deadline(server_factory, jfk):
+    server = server_factory("--drain-seconds", "1", "--config-timeout-seconds", "60")
+    data = float_to_linear16(np.tile(jfk, 6))  # 66 s sent at once, half-closed: finals pending
+    results: dict[str, object] = {}
+
+    def flood_then_wait():
+        with server.client() as client:
+            responses = []
+            try:
+                for response in client.stream(
+                    [
+                        config_request(),
+                        *[audio_request(data[i : i + 32000]) for i in range(0, len(data), 32000)],
+                    ]
+                ):
+                    responses.append(response)
+                results["flood"] = None
+            except grpc.RpcError as error:
+                results["flood"] = error
+            results["flood_finals"] = [r for r in responses if r.HasField("result") and r.result.is_final]
+
+    def never_configured():
+        with server.client() as client:
+            release = threading.Event()
+
+            def nothing():
+                release.wait(60)
+                yield from ()
+
+            try:
+                list(client.stream(nothing()))
+                results["silent"] = None
+            except grpc.RpcError as error:
+                results["silent"] = error
+            release.set()
+
+    threads = [threading.Thread(target=f) for f in (flood_then_wait, never_configured)]
+    for thread in threads:
+        thread.start()
+    wait_until(lambda: server.active_streams() == 2, 30, what="both streams")
+    time.sleep(1.0)
+    started = time.monotonic()
+    server.signal()
+    server.process.wait(timeout=30)
+    exited_in = time.monotonic() - started
+    for thread in threads:
+        thread.join(10)
+    assert exited_in < 1 + 5 + 3, f"exited {exited_in:.1f} s after SIGTERM with --drain-seconds 1"
+    assert_error(results["silent"], grpc.StatusCode.UNAVAILABLE, "STT_SERVER_SHUTTING_DOWN")
+    if results["flood"] is not None:  # it may finish its finals within the grace
+        assert_error(results["flood"], grpc.StatusCode.UNAVAILABLE, "STT_SERVER_SHUTTING_DOWN")
+    assert results["flood_finals"], "finals decoded before the deadline were not delivered"
+
+
+@pytest.mark.parametrize(
+    "args, env, words",
+    [
+        (["--workers", "0"], {}, "--workers: 0 is out of range"),
+        (["--max-streams", "-3"], {}, "--max-streams: -3 is out of range"),
+        (["--drain-seconds", "soon"], {}, "--drain-seconds: 'soon' is not a number"),
+        ([], {"STT_THREADS": "many"}, "--threads: 'many' is not an integer"),
+        (["--address", "50051"], {}, "--address: '50051' is not HOST:PORT"),
+        (["--model", "./no/such/model"], {}, "--model ./no/such/model: no such directory"),
+        (["--model", str(REPO)], {}, "not a CTranslate2 model directory"),
+        (["--model", "tiny.fr"], {}, "--model tiny.fr: unknown model name"),
+    ],
+)
+def test_bad_startup_is_one_line_and_exit_code_2(args, env, words):
+    import os
+
+    result = subprocess.run(
+        [sys.executable, "-m", "engine", "serve", "--address", "127.0.0.1:0", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+        cwd=REPO,
+    )
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and words in error_lines[0], result.stderr
+    assert "Traceback" not in result.stderr
