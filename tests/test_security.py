@@ -18,6 +18,7 @@ import secrets
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from grpc_status import rpc_status
 from engine.api import stt_pb2
 from engine.client import SpeechClient, StreamConfig, final_transcripts
 from engine.errors import error_reason
-from tests.helpers import JFK_TEXT, ServerProcess, free_port, stack_tool, tool, wait_until, wer
+from tests.helpers import JFK_TEXT, REPO, SAMPLE, ServerProcess, free_port, stack_tool, tool, wait_until, wer
 from tests.otlp_receiver import OtlpReceiver
 
 TOKENS = {name: secrets.token_urlsafe(24) for name in ("alice", "bob", "carol")}
@@ -363,6 +364,11 @@ def test_streams_per_identity_are_limited(tls_server, jfk):
 def test_the_identity_is_on_the_span_and_the_per_client_metric(tls_server):
     with tls_server.client(TOKENS["bob"]) as client:
         client.server_info()
+        list(client.stream([StreamConfig().first_request()]))
+    with tls_server.client(TOKENS["carol"]) as client:
+        assert refused(client.server_info)[0] == grpc.StatusCode.PERMISSION_DENIED
+    with tls_server.client() as client:
+        assert refused(client.server_info)[0] == grpc.StatusCode.UNAUTHENTICATED
     receiver = tls_server.receiver
 
     def attributes(item) -> dict:
@@ -372,6 +378,10 @@ def test_the_identity_is_on_the_span_and_the_per_client_metric(tls_server):
         return [s for s in receiver.spans() if s.name == INFO and attributes(s).get("enduser.id") == "bob"]
 
     receiver.wait_for(bob_span)
+    for reason in ("STT_UNAUTHENTICATED", "STT_PERMISSION_DENIED"):
+        receiver.wait_for(
+            lambda r=reason: any(attributes(s).get("stt.error.reason") == r for s in receiver.spans())
+        )
     refused_spans = [
         s for s in receiver.spans() if attributes(s).get("stt.error.reason") == "STT_UNAUTHENTICATED"
     ]
@@ -381,7 +391,7 @@ def test_the_identity_is_on_the_span_and_the_per_client_metric(tls_server):
         points = receiver.metric_points().get("stt.client.calls", [])
         return {(attributes(p)["enduser.id"], attributes(p)["rpc.method"]) for p in points}
 
-    receiver.wait_for(lambda: {("bob", INFO), ("alice", "stt.v1.Speech/StreamingRecognize")} <= counted())
+    receiver.wait_for(lambda: {("bob", INFO), ("bob", "stt.v1.Speech/StreamingRecognize")} <= counted())
     assert not any(name == "carol" for name, _ in counted())  # refused, so not counted
 
 
@@ -427,6 +437,46 @@ def test_a_rotated_certificate_is_served_to_new_connections(tls_server):
     with tls_server.client(TOKENS["alice"]) as new_channel:
         assert new_channel.server_info().ready
     assert "TLS certificate reloaded" in tls_server.process.log()
+
+
+def stt_engine(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_the_cli_client_speaks_tls_with_a_token(tls_server, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKENS["alice"] + "\n")
+    common = ("--server", tls_server.target, "--tls-ca", tls_server.pki.ca_file)
+    info = stt_engine("info", *common, "--token-file", str(token_file))
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["model"] == "tiny.en"
+    refused_info = stt_engine("info", *common)
+    assert refused_info.returncode == 1 and "UNAUTHENTICATED" in refused_info.stderr
+    assert TOKENS["alice"] not in refused_info.stderr + info.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "engine", "transcribe", str(SAMPLE), *common, "--fast", "--no-interim"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "STT_TOKEN": TOKENS["bob"]},
+    )
+    assert result.returncode == 0, result.stderr
+    finals = [line.split("] ", 1)[1] for line in result.stdout.splitlines() if line.startswith("[")]
+    assert wer([JFK_TEXT], [" ".join(finals)]) < 0.1
+
+
+def test_serve_refuses_inconsistent_security_flags(pki):
+    for args, message in (
+        (("--tls-cert", pki.server_cert), "--tls-cert and --tls-key go together"),
+        (("--tls-client-ca", pki.ca_file), "needs --tls-cert"),
+        (("--tls-cert", pki.server_cert, "--tls-key", pki.clients["alice"][1]), "not a valid"),
+        (("--auth-tokens-file", pki.server_cert), "expected `identity sha256-hex`"),
+    ):
+        result = stt_engine("serve", "--address", "127.0.0.1:0", *args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
 
 
 # --- mTLS ------------------------------------------------------------------------------------------------
