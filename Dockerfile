@@ -32,16 +32,20 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     STT_ADDRESS=0.0.0.0:50051 \
+    STT_HEALTH_ADDRESS=0.0.0.0:50052 \
     OTEL_SERVICE_NAME=stt-engine
 USER 10001:10001
 WORKDIR /home/stt
 # gRPC (StreamingRecognize, Recognize, GetServerInfo, grpc.health.v1, reflection).
 # Set STT_METRICS_PORT=9464 for a Prometheus endpoint on the engine itself.
 EXPOSE 50051
+# grpc.health.v1 only, always plaintext: probes work the same with TLS on (STT_TLS_CERT/KEY).
+EXPOSE 50052
 # The standard gRPC health service: SERVING once the model is loaded and warm, NOT_SERVING while
-# loading and while draining. (Kubernetes uses its native gRPC probes instead, see deploy/k8s.)
+# loading and while draining; asked on the plaintext health port, so TLS on 50051 changes nothing.
+# (Kubernetes uses its native gRPC probes against the same port instead, see deploy/k8s.)
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(service='stt.v1.Speech'), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
+    CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:50052')).Check(h.HealthCheckRequest(service='stt.v1.Speech'), timeout=4); sys.exit(r.status != h.HealthCheckResponse.SERVING)"]
 # SIGTERM: NOT_SERVING, refuse new streams, drain open ones for --drain-seconds (30), finalise,
 # flush telemetry, exit 0. Give the container at least ~70 s to stop (docker stop -t 75).
 STOPSIGNAL SIGTERM

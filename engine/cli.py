@@ -19,8 +19,9 @@ from otel import Telemetry, TelemetryOptions, configure_logging
 from . import __version__
 from .api import stt_pb2
 from .audio import read_audio_file
-from .client import SpeechClient, StreamConfig
+from .client import SpeechClient, StreamConfig, read_token
 from .options import ModelOptions, ServerOptions, env_default
+from .security import SecurityOptions
 
 SAMPLE = Path(__file__).parent / "samples" / "jfk.wav"
 
@@ -233,6 +234,98 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    e = env_default
+    parser.add_argument(
+        "--tls-cert",
+        default=e("tls_cert", None),
+        help="PEM server certificate chain; with --tls-key the server speaks TLS, and reloads both "
+        "when the files change (env STT_TLS_CERT)",
+    )
+    parser.add_argument("--tls-key", default=e("tls_key", None), help="PEM private key (env STT_TLS_KEY)")
+    parser.add_argument(
+        "--tls-client-ca",
+        default=e("tls_client_ca", None),
+        help="PEM CA bundle: clients must present a certificate it signed (mTLS) (env STT_TLS_CLIENT_CA)",
+    )
+    parser.add_argument(
+        "--auth-tokens-file",
+        default=e("auth_tokens_file", None),
+        help="lines of `identity sha256-hex-of-token`: Speech calls need `authorization: Bearer "
+        "<token>` (env STT_AUTH_TOKENS_FILE)",
+    )
+    parser.add_argument(
+        "--auth-allowed-identities",
+        default=e("auth_allowed_identities", ""),
+        help="comma-separated identities allowed to call; others get PERMISSION_DENIED "
+        "(env STT_AUTH_ALLOWED_IDENTITIES)",
+    )
+    parser.add_argument(
+        "--max-streams-per-identity",
+        type=int,
+        default=int(e("max_streams_per_identity", "0")),
+        help="concurrent streams one authenticated identity may hold (0: no limit)",
+    )
+    parser.add_argument(
+        "--health-address",
+        default=e("health_address", None),
+        help="also serve grpc.health.v1 alone, in plaintext, here (for probes that cannot speak TLS) "
+        "(env STT_HEALTH_ADDRESS)",
+    )
+
+
+def _security_options(args: argparse.Namespace) -> SecurityOptions:
+    allowed = frozenset(name.strip() for name in args.auth_allowed_identities.split(",") if name.strip())
+    return SecurityOptions(
+        tls_cert=args.tls_cert or None,
+        tls_key=args.tls_key or None,
+        tls_client_ca=args.tls_client_ca or None,
+        auth_tokens_file=args.auth_tokens_file or None,
+        allowed_identities=allowed,
+        max_streams_per_identity=args.max_streams_per_identity,
+        health_address=args.health_address or None,
+    )
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    e = env_default
+    parser.add_argument("--server", default=e("server", "localhost:50051"))
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=e("tls", "false").strip().lower() in ("1", "true", "yes", "on"),
+        help="connect with TLS, trusting the system roots unless --tls-ca (env STT_TLS)",
+    )
+    parser.add_argument("--tls-ca", default=e("tls_ca", None), help="PEM CA to trust; implies --tls")
+    parser.add_argument(
+        "--tls-client-cert", default=e("tls_client_cert", None), help="PEM client certificate for mTLS"
+    )
+    parser.add_argument("--tls-client-key", default=e("tls_client_key", None), help="its private key")
+    parser.add_argument(
+        "--tls-server-name", default=None, help="name to verify in the server certificate instead of the host"
+    )
+    parser.add_argument(
+        "--token",
+        default=e("token", None),
+        help="bearer token (env STT_TOKEN; prefer it or --token-file: arguments are visible in ps)",
+    )
+    parser.add_argument("--token-file", default=e("token_file", None), help="file holding the bearer token")
+
+
+def _client(args: argparse.Namespace, target: str) -> SpeechClient:
+    """A client with the security options of the command line (none for the demo)."""
+    option = lambda name: getattr(args, name, None)  # noqa: E731 - the demo has no client flags
+    return SpeechClient(
+        target,
+        tls=bool(option("tls")),
+        ca_file=option("tls_ca"),
+        cert_file=option("tls_client_cert"),
+        key_file=option("tls_client_key"),
+        server_name=option("tls_server_name"),
+        token=read_token(option("token"), option("token_file")),
+    )
+
+
 def _telemetry(args: argparse.Namespace, enabled: bool | None = None) -> Telemetry:
     """Telemetry from the OTEL_* environment and the flags; logging set up to match."""
     overrides = {"metrics_port": args.metrics_port, "chunk_spans": args.trace_chunks, "enabled": enabled}
@@ -266,12 +359,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     problem = model_problem(args.model)
+    security = _security_options(args)
+    try:
+        security.validate()
+    except ValueError as exc:
+        problem = problem or str(exc)
     if problem:
         print(f"stt-engine serve: error: {problem}", file=sys.stderr)
         return 2
     telemetry = _telemetry(args)
     server, model = _server_options(args)
-    asyncio.run(serve(server, model, telemetry))
+    asyncio.run(serve(server, model, telemetry, security))
     return 0
 
 
@@ -351,7 +449,7 @@ def transcribe_file(path: str, server: str, args: argparse.Namespace) -> int:
         prompt=args.prompt,
     )
     printer = _Printer(args.format)
-    with SpeechClient(server) as client:
+    with _client(args, server) as client:
         call = client.stream_audio(audio, config, chunk_ms=args.chunk_ms, realtime=not args.fast)
         try:
             trace_id = dict(call.initial_metadata()).get("x-trace-id")
@@ -380,8 +478,12 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with SpeechClient(args.server) as client:
-        info = client.server_info()
+    with _client(args, args.server) as client:
+        try:
+            info = client.server_info()
+        except grpc.RpcError as error:
+            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
     print(json_format.MessageToJson(info, preserving_proto_field_name=True))
     return 0
 
@@ -433,11 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gRPC server")
     _add_server_arguments(serve)
+    _add_security_arguments(serve)
     serve.set_defaults(func=cmd_serve)
 
     transcribe = commands.add_parser("transcribe", help="stream an audio file to a server")
     transcribe.add_argument("file")
-    transcribe.add_argument("--server", default=env_default("server", "localhost:50051"))
+    _add_client_arguments(transcribe)
     _add_transcribe_arguments(transcribe)
     transcribe.set_defaults(func=cmd_transcribe)
 
@@ -448,7 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo, address="127.0.0.1:0", log_level="WARNING")
 
     info = commands.add_parser("info", help="print the server's model and limits")
-    info.add_argument("--server", default=env_default("server", "localhost:50051"))
+    _add_client_arguments(info)
     info.set_defaults(func=cmd_info)
     return parser
 

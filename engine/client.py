@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -83,12 +84,51 @@ def audio_requests(
         yield stt_pb2.StreamingRecognizeRequest(audio_content=chunk)
 
 
-class SpeechClient:
-    """Blocking client for the Speech and health services."""
+def read_token(token: str | None = None, token_file: str | None = None) -> str | None:
+    """The bearer token given directly or as the first line of a file."""
+    if token:
+        return token.strip()
+    if token_file:
+        return Path(token_file).read_text().strip() or None
+    return None
 
-    def __init__(self, target: str) -> None:
+
+class SpeechClient:
+    """Blocking client for the Speech and health services.
+
+    Plaintext by default. ``tls`` (implied by any of the files) opens a TLS channel that
+    trusts ``ca_file`` (default: the system roots); ``cert_file`` and ``key_file`` are the
+    client certificate for mTLS; ``server_name`` overrides the name checked against the server
+    certificate. ``token`` goes on every Speech call as ``authorization: Bearer <token>``.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+    ) -> None:
         self.target = target
-        self.channel = grpc.insecure_channel(target)
+        if tls or ca_file or cert_file or key_file:
+            if bool(cert_file) != bool(key_file):
+                raise ValueError("a client certificate needs both its certificate and key files")
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(ca_file).read_bytes() if ca_file else None,
+                private_key=Path(key_file).read_bytes() if key_file else None,
+                certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
+            )
+            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target)
+        # Plain metadata rather than call credentials: gRPC sends those only over TLS, and a
+        # token over plaintext is legitimate behind a TLS-terminating proxy or mesh.
+        self._auth = [("authorization", f"Bearer {token}")] if token else []
         self.speech = stt_pb2_grpc.SpeechStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -108,7 +148,14 @@ class SpeechClient:
         timeout: float | None = None,
     ):
         """Raw bidirectional call: an iterator of responses that is also a grpc.Call."""
-        return self.speech.StreamingRecognize(iter(requests), metadata=metadata, timeout=timeout)
+        return self.speech.StreamingRecognize(
+            iter(requests), metadata=self._metadata(metadata), timeout=timeout
+        )
+
+    def _metadata(self, metadata: list[tuple[str, str]] | None) -> list[tuple[str, str]] | None:
+        if not self._auth:
+            return metadata
+        return [*self._auth, *(metadata or [])]
 
     def stream_audio(
         self,
@@ -138,10 +185,13 @@ class SpeechClient:
                 config=config.recognition_config(), audio_content=float_to_linear16(audio)
             ),
             timeout=timeout,
+            metadata=self._metadata(None),
         )
 
     def server_info(self, timeout: float = 10) -> stt_pb2.ServerInfo:
-        return self.speech.GetServerInfo(stt_pb2.GetServerInfoRequest(), timeout=timeout)
+        return self.speech.GetServerInfo(
+            stt_pb2.GetServerInfoRequest(), timeout=timeout, metadata=self._metadata(None)
+        )
 
     def health(self, service: str = "", timeout: float = 5) -> str:
         """The serving status name (SERVING, NOT_SERVING, ...)."""

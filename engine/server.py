@@ -2,7 +2,8 @@
 
 Health (grpc.health.v1) for "" and "stt.v1.Speech" reads NOT_SERVING from the
 moment the port opens until the model is loaded and warm, SERVING while ready,
-and NOT_SERVING again as soon as draining starts.
+and NOT_SERVING again as soon as draining starts. With ``--health-address`` a second, plaintext
+listener serves only that health service (the same statuses), for probes that cannot speak TLS.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .memory import can_release_memory, release_periodically
 from .model import SpeechModel
 from .options import ModelOptions, ServerOptions
 from .scheduler import InferenceScheduler
+from .security import Guard, ReloadingCertificates, SecurityOptions
 from .service import SERVICE_NAME, SpeechService
 from .vad import load_vad_model
 
@@ -40,12 +42,21 @@ class SttServer:
     """An asyncio gRPC server hosting the Speech, health and reflection services."""
 
     def __init__(
-        self, options: ServerOptions, model_options: ModelOptions, telemetry: Telemetry | None = None
+        self,
+        options: ServerOptions,
+        model_options: ModelOptions,
+        telemetry: Telemetry | None = None,
+        security: SecurityOptions | None = None,
     ) -> None:
         self.options = options
+        self.security = security or SecurityOptions()
         self.model_options = model_options
         self.telemetry = telemetry or Telemetry(TelemetryOptions(enabled=False), __version__)
         self.service = SpeechService(options, self.telemetry)
+        self.service.guard = Guard(self.security)
+        self.certificates: ReloadingCertificates | None = None
+        self.health_port: int | None = None
+        self._health_server: grpc.aio.Server | None = None
         self.model: SpeechModel | None = None
         self.health = health.aio.HealthServicer()
         self.port: int | None = None
@@ -72,12 +83,53 @@ class SttServer:
         )
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(self.options.address)
+        if self.security.tls:
+            self.certificates = ReloadingCertificates(self.security)
+            self.port = self._server.add_secure_port(
+                self.options.address, self.certificates.server_credentials()
+            )
+        else:
+            self.port = self._server.add_insecure_port(self.options.address)
         if self.port == 0:
             raise RuntimeError(f"could not listen on {self.options.address}")
+        if self.security.health_address:
+            await self._start_health_listener(self.security.health_address)
         await self._server.start()
-        logger.info("listening on %s (health NOT_SERVING until the model is warm)", self.address)
+        logger.info(
+            "listening on %s (%s; health NOT_SERVING until the model is warm)",
+            self.address,
+            self._describe_security(),
+        )
         return self.port
+
+    async def _start_health_listener(self, address: str) -> None:
+        """Plaintext grpc.health.v1 only, from the same servicer: the probes' view of the
+        server is the main port's, without TLS or credentials."""
+        self._health_server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 64 << 10), ("grpc.so_reuseport", 0)]
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+        self.health_port = self._health_server.add_insecure_port(address)
+        if self.health_port == 0:
+            raise RuntimeError(f"could not listen on {address} (--health-address)")
+        await self._health_server.start()
+        logger.info(
+            "health-only plaintext listener on %s", address.rsplit(":", 1)[0] + f":{self.health_port}"
+        )
+
+    def _describe_security(self) -> str:
+        security = self.security
+        if not security.tls:
+            parts = ["plaintext"]
+        elif security.tls_client_ca:
+            parts = ["TLS, client certificates required (mTLS)"]
+        else:
+            parts = ["TLS"]
+        if security.auth_tokens_file:
+            parts.append("bearer tokens required")
+        elif security.tls_client_ca:
+            parts.append("client certificate identities")
+        return ", ".join(parts)
 
     @property
     def address(self) -> str:
@@ -152,6 +204,8 @@ class SttServer:
             await asyncio.sleep(0.05)
         if self._server is not None:
             await self._server.stop(grace=1.0)
+        if self._health_server is not None:
+            await self._health_server.stop(grace=1.0)
         if self._memory_release is not None:
             self._memory_release.cancel()
         if self._scheduler is not None:
@@ -165,9 +219,14 @@ class SttServer:
         await self._stopped.wait()
 
 
-async def serve(options: ServerOptions, model_options: ModelOptions, telemetry: Telemetry) -> None:
+async def serve(
+    options: ServerOptions,
+    model_options: ModelOptions,
+    telemetry: Telemetry,
+    security: SecurityOptions | None = None,
+) -> None:
     """Runs a server until SIGTERM or SIGINT, then drains, flushes telemetry and exits."""
-    server = SttServer(options, model_options, telemetry)
+    server = SttServer(options, model_options, telemetry, security)
     logger.info(telemetry.describe())
     await server.start()
     loop = asyncio.get_running_loop()

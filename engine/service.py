@@ -17,6 +17,7 @@ from .errors import SttError, invalid_argument, out_of_range
 from .model import SpeechModel
 from .options import ServerOptions
 from .scheduler import InferenceScheduler
+from .security import Guard
 from .session import StreamSession, duration, recognize
 from .settings import recognition_settings
 
@@ -55,6 +56,7 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         self.sessions: set[StreamSession] = set()
         self.recognizing = 0  # unary Recognize calls in progress
         self.draining = False
+        self.guard = Guard()  # the server sets the configured one
 
     @property
     def ready(self) -> bool:
@@ -98,6 +100,7 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
                 (("x-trace-id", call.trace_id), ("traceparent", call.traceparent))
             )
         try:
+            self.guard.check(context, call, stream=True)
             self._admit()
         except SttError as error:
             await abort_with(context, call, error)
@@ -125,6 +128,7 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
     ) -> stt_pb2.RecognizeResponse:
         call = self.telemetry.call(RECOGNIZE_METHOD, context.invocation_metadata(), context.peer())
         try:
+            self.guard.check(context, call)
             self._admit()
         except SttError as error:
             await abort_with(context, call, error)
@@ -159,6 +163,10 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         self, request: stt_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> stt_pb2.ServerInfo:
         call = self.telemetry.call(INFO_METHOD, context.invocation_metadata(), context.peer())
+        try:
+            self.guard.check(context, call)
+        except SttError as error:
+            await abort_with(context, call, error)
         info = stt_pb2.ServerInfo(
             version=__version__,
             encodings=list(SUPPORTED_ENCODINGS),

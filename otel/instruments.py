@@ -2,7 +2,8 @@
 
 Names follow OpenTelemetry conventions (``rpc.server.call.duration``) and an
 ``stt.`` namespace for the engine; units are UCUM. Attributes are low-cardinality
-only: method, status code, decode kind, error reason, model name. Never stream ids.
+only: method, status code, decode kind, error reason, model name, the authenticated client
+identity (as many as the configured tokens and certificates). Never stream ids.
 Prometheus sees ``.`` as ``_``, a unit suffix, and ``_total`` on counters.
 """
 
@@ -71,6 +72,12 @@ class Instruments:
         )
         self.results = meter.create_counter(
             "stt.results", unit="{result}", description="Results sent, by kind"
+        )
+        # enduser.id is bounded by the configured tokens and certificates, not by traffic.
+        self.client_calls = meter.create_counter(
+            "stt.client.calls",
+            unit="{call}",
+            description="Authenticated calls (streams included), by client identity and method",
         )
         self.errors = meter.create_counter(
             "stt.errors", unit="{error}", description="Failed calls, by reason and status code"

@@ -300,6 +300,12 @@ class CallTelemetry:
             self, kind, utterance_index, audio_start, audio_end, parent or self.span_context, []
         )
 
+    def authenticated(self, identity: str) -> None:
+        """The caller proved ``identity`` (a token's name or a client certificate's name)."""
+        # enduser.id: the semantic conventions' attribute for the authenticated end user.
+        self.span.set_attribute("enduser.id", identity)
+        self.instruments.client_calls.add(1, {"enduser.id": identity, "rpc.method": self.method})
+
     def _status_attributes(self, code: str) -> dict[str, Any]:
         attributes: dict[str, Any] = {
             "rpc.system.name": RPC_SYSTEM,

@@ -52,6 +52,7 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "stt-engine.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "datasources.yaml"
 DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "dashboards.yaml"
 K8S = DEPLOY / "k8s"
+K8S_TLS = DEPLOY / "k8s-tls"
 COMPOSE = REPO / "docker-compose.yml"
 COLLECTOR_CONFIG = REPO / "collector-config.yaml"
 DOCKERFILE = REPO / "Dockerfile"
@@ -367,13 +368,15 @@ def dockerfile_healthcheck() -> list[str]:
 
 def test_the_image_healthcheck_command_probes_grpc_health(live):
     command = dockerfile_healthcheck()
-    assert command[:2] == ["python", "-c"] and "127.0.0.1:50051" in command[2]
+    # The plaintext health-only port (STT_HEALTH_ADDRESS in the image), so TLS changes nothing.
+    assert command[:2] == ["python", "-c"] and "127.0.0.1:50052" in command[2]
+    assert re.search(r"STT_HEALTH_ADDRESS=0\.0\.0\.0:50052", DOCKERFILE.read_text())
     serving = subprocess.run(
-        [sys.executable, "-c", command[2].replace("127.0.0.1:50051", live.server.target)], timeout=30
+        [sys.executable, "-c", command[2].replace("127.0.0.1:50052", live.server.target)], timeout=30
     )
     assert serving.returncode == 0
     nobody = subprocess.run(
-        [sys.executable, "-c", command[2].replace("127.0.0.1:50051", f"127.0.0.1:{free_port()}")],
+        [sys.executable, "-c", command[2].replace("127.0.0.1:50052", f"127.0.0.1:{free_port()}")],
         capture_output=True,
         timeout=30,
     )
@@ -435,8 +438,13 @@ def test_deployment_probes_drain_and_telemetry():
     assert env["OTEL_EXPORTER_OTLP_ENDPOINT"].startswith("http://") and env[
         "OTEL_EXPORTER_OTLP_ENDPOINT"
     ].endswith(":4317")
+    # kubelet's gRPC probes cannot speak TLS: they use the plaintext health-only port, which
+    # the engine opens at STT_HEALTH_ADDRESS whether TLS is on or off.
+    assert env["STT_HEALTH_ADDRESS"] == "0.0.0.0:50052"
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"grpc": 50051, "health": 50052}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == 50051, probe
+        assert container[probe]["grpc"]["port"] == 50052, probe
     assert container["readinessProbe"]["grpc"]["service"] == "stt.v1.Speech"
     assert container["startupProbe"]["grpc"]["service"] == "stt.v1.Speech"
     assert container["livenessProbe"]["grpc"]["service"] == ""
@@ -452,6 +460,35 @@ def test_deployment_probes_drain_and_telemetry():
     hpa = docs["HorizontalPodAutoscaler"]["spec"]
     assert hpa["metrics"][0]["resource"]["name"] == "cpu"
     assert docs["PodDisruptionBudget"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]
+
+
+def test_tls_overlay_renders_tls_tokens_and_unchanged_probes():
+    import kubernetes_validate
+
+    result = run(stack_tool("kustomize"), "build", str(K8S_TLS))
+    assert result.returncode == 0, result.stderr
+    rendered = {doc["kind"]: doc for doc in yaml.safe_load_all(result.stdout) if doc}
+    assert sorted(rendered) == sorted(k8s_documents())
+    for doc in rendered.values():
+        kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
+    pod = rendered["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {item["name"]: item.get("value") for item in container["env"]}
+    mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    # Every file the engine is pointed at lies in a mounted Secret (whole directories, no subPath,
+    # so kubelet's in-place updates reach the engine, which reloads them).
+    for variable in ("STT_TLS_CERT", "STT_TLS_KEY", "STT_TLS_CLIENT_CA", "STT_AUTH_TOKENS_FILE"):
+        directory = str(Path(env[variable]).parent)
+        assert directory in mounts and mounts[directory] in secrets, variable
+    assert not any("subPath" in mount for mount in container["volumeMounts"])
+    assert secrets == {"tls": "stt-engine-tls", "auth": "stt-engine-auth"}
+    # The base's settings survive the patch, and the probes still use the plaintext health port.
+    assert env["STT_ADDRESS"] == "0.0.0.0:50051" and env["STT_HEALTH_ADDRESS"] == "0.0.0.0:50052"
+    assert int(env["STT_MAX_STREAMS_PER_IDENTITY"]) <= int(env["STT_MAX_STREAMS"])
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == 50052, probe
+    assert "appProtocol" not in rendered["Service"]["spec"]["ports"][0]  # not h2c any more
 
 
 # --- docker compose and the Dockerfile ----------------------------------------------------------------
@@ -482,6 +519,7 @@ def test_compose_stack_is_pinned_and_wired():
     engine = services["engine"]
     assert engine["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
     assert engine["healthcheck"]["test"][1:] == dockerfile_healthcheck()
+    assert engine["environment"]["STT_HEALTH_ADDRESS"] == "0.0.0.0:50052"  # what the check asks
     assert "50051:50051" in engine["ports"]
     assert services["otel-collector"]["image"] == f"otel/opentelemetry-collector-contrib:{COLLECTOR_VERSION}"
     prometheus = " ".join(services["prometheus"]["command"])
