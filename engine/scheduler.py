@@ -3,7 +3,10 @@
 CTranslate2 releases the GIL, so a small thread pool gives real parallelism while
 the event loop keeps reading audio for every stream. Finals outrank interims:
 under load a stream's interim results thin out, its finals never wait behind
-someone else's interims. Within a priority, requests run in arrival order.
+someone else's interims. Within a priority, requests run in arrival order. That is fair
+across streams for finals: a stream queues its next final only once the one before is decoded
+(the next is prompted with its text), so each stream has at most one final waiting, and a
+client sending hours of audio at once delays another stream's final by one decode at most.
 """
 
 from __future__ import annotations

@@ -232,6 +232,7 @@ class BackgroundStream:
         self.expected = expected
         self.finals: list[str] = []
         self.error: BaseException | None = None
+        self.last_final_after_audio: float | None = None  # seconds after its audio ended
         self.started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -240,9 +241,15 @@ class BackgroundStream:
         responses = []
         try:
             with SpeechClient(self.target) as client:
-                for response in client.stream_audio(self.audio, StreamConfig(interim_results=True)):
+                started = time.monotonic()
+                for response in client.stream_audio(
+                    self.audio, StreamConfig(interim_results=True), started=started
+                ):
                     self.started.set()
                     responses.append(response)
+                    if response.HasField("result") and response.result.is_final:
+                        ended = len(self.audio) / 16000
+                        self.last_final_after_audio = time.monotonic() - started - ended
             self.finals = final_transcripts(responses)
         except BaseException as exc:  # re-raised in the test thread
             self.error = exc

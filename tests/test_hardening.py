@@ -96,6 +96,10 @@ def guarded(hardened, jfk):
     yield hardened
     watch.check()
     check_unaffected(hardened, good)
+    # On time: unloaded, JFK's last final arrives 0.3-0.9 s after its audio ends.
+    assert good.last_final_after_audio is not None and good.last_final_after_audio < 2.0, (
+        good.last_final_after_audio
+    )
 
 
 def test_a_huge_prompt_is_refused_at_once(guarded, jfk):

@@ -1,0 +1,137 @@
+"""Fuzzing the request path: arbitrary configs, chunk sizes and bytes always end in OK or a
+status with ErrorInfo; never INTERNAL, UNKNOWN, a hang or a crash (issue 10)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from engine.api import stt_pb2
+from engine.errors import ERROR_DOMAIN
+from tests.helpers import ServerProcess
+
+# Statuses a request can earn; anything else (INTERNAL, UNKNOWN, DEADLINE_EXCEEDED from a
+# hang, UNAVAILABLE from a crash) is a defect.
+EXPECTED = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+text = st.one_of(st.sampled_from(["", "en", "en-US", "tiny.en", "xx"]), st.text(max_size=300))
+configs = st.builds(
+    stt_pb2.RecognitionConfig,
+    encoding=st.integers(-2, 6),
+    sample_rate_hertz=st.one_of(st.sampled_from([0, 8000, 16000, 44100, 48000]), st.integers(-5, 200_000)),
+    audio_channel_count=st.integers(-1, 20),
+    language_code=text,
+    model=text,
+    prompt=st.text(max_size=1200),
+    enable_word_time_offsets=st.booleans(),
+    max_alternatives=st.integers(-1, 8),
+    endpointing=st.builds(
+        stt_pb2.EndpointingConfig,
+        silence_duration_ms=st.integers(-10, 10_000),
+        max_utterance_ms=st.integers(-10, 40_000),
+        speech_threshold=st.one_of(st.floats(-1, 2), st.just(float("nan"))),
+    ),
+)
+# Most random configs are refused at once; these pass validation, so the audio path (decoding,
+# resampling, VAD, decodes of whatever the bytes sound like) gets fuzzed too.
+valid_configs = st.builds(
+    stt_pb2.RecognitionConfig,
+    encoding=st.sampled_from([stt_pb2.LINEAR16, stt_pb2.MULAW, stt_pb2.ALAW]),
+    sample_rate_hertz=st.sampled_from([0, 8000, 11025, 16000, 22050, 44100, 48000]),
+    audio_channel_count=st.integers(0, 8),
+    language_code=st.sampled_from(["", "en", "en-US"]),
+    prompt=st.text(max_size=200),
+    enable_word_time_offsets=st.booleans(),
+    max_alternatives=st.integers(0, 5),
+)
+configs = st.one_of(configs, valid_configs)
+chunks = st.lists(st.binary(max_size=16_384), max_size=12)
+
+
+@pytest.fixture(scope="module")
+def fuzzed():
+    proc = ServerProcess(
+        "--max-streams", "8", "--max-chunk-bytes", "16384", "--config-timeout-seconds", "2",
+        "--idle-timeout-seconds", "2", "--max-stream-seconds", "20",
+    )  # fmt: skip
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.log()[-3000:]
+
+
+def check_status(error: grpc.RpcError | None) -> None:
+    # What each example ended in: pytest --hypothesis-show-statistics shows the spread.
+    event("OK" if error is None else f"{error.code().name}: {error.details()[:50]}")
+    if error is None:
+        return
+    assert error.code() in EXPECTED, (error.code(), error.details())
+    infos = [d for d in rpc_status.from_call(error).details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert infos, f"{error.code().name} without ErrorInfo: {error.details()}"
+    info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(info)
+    assert info.domain == ERROR_DOMAIN and info.reason.startswith("STT_")
+    assert len(error.details()) < 1000
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    config=configs,
+    interim=st.booleans(),
+    interval=st.one_of(st.just(0), st.integers(200, 10_000), st.integers(-5, 20_000)),
+    first_is_audio=st.sampled_from([False] * 4 + [True]),  # mostly well-formed streams
+    repeat_config=st.sampled_from([False] * 4 + [True]),
+    data=chunks,
+)
+def test_any_stream_ends_in_ok_or_a_described_status(
+    fuzzed, config, interim, interval, first_is_audio, repeat_config, data
+):
+    streaming = stt_pb2.StreamingRecognitionConfig(
+        config=config, interim_results=interim, interim_interval_ms=interval
+    )
+    requests = [stt_pb2.StreamingRecognizeRequest(audio_content=chunk) for chunk in data]
+    head = stt_pb2.StreamingRecognizeRequest(streaming_config=streaming)
+    if first_is_audio and requests:
+        requests.insert(1, head)
+    else:
+        requests.insert(0, head)
+    if repeat_config:
+        requests.append(head)
+    error = None
+    with fuzzed.client() as client:
+        try:
+            list(client.stream(requests, timeout=30))
+        except grpc.RpcError as raised:
+            error = raised
+    check_status(error)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=st.one_of(st.none(), configs), audio=st.binary(max_size=40_000))
+def test_any_recognize_ends_in_ok_or_a_described_status(fuzzed, config, audio):
+    request = stt_pb2.RecognizeRequest(audio_content=audio)
+    if config is not None:
+        request.config.CopyFrom(config)
+    error = None
+    with fuzzed.client() as client:
+        try:
+            client.speech.Recognize(request, timeout=30)
+        except grpc.RpcError as raised:
+            error = raised
+    check_status(error)
+
+
+def test_the_server_is_serving_after_the_fuzzing(fuzzed):
+    with fuzzed.client() as client:
+        assert client.health() == "SERVING"
+        assert client.server_info().active_streams == 0
