@@ -46,6 +46,7 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
         max_stream_seconds=args.max_stream_seconds,
         max_chunk_bytes=args.max_chunk_bytes,
         max_recognize_seconds=args.max_recognize_seconds,
+        max_recognize_bytes=args.max_recognize_bytes,
         config_timeout_seconds=args.config_timeout_seconds,
         idle_timeout_seconds=args.idle_timeout_seconds,
         max_backlog_seconds=args.max_backlog_seconds,
@@ -132,6 +133,12 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-chunk-bytes", type=_number(int, 1024, 16 << 20), default=e("max_chunk_bytes", "1048576")
+    )
+    parser.add_argument(
+        "--max-recognize-bytes",
+        type=_number(int, 1024, 256 << 20),
+        default=e("max_recognize_bytes", str(16 << 20)),
+        help="largest Recognize request; also gRPC's receive limit for every message",
     )
     parser.add_argument(
         "--max-recognize-seconds",

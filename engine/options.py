@@ -172,7 +172,10 @@ class ServerOptions:
             RESOURCE_EXHAUSTED rather than slowing everyone down.
         max_stream_seconds: audio a stream may send before it ends with OUT_OF_RANGE.
         max_chunk_bytes: largest audio chunk in one message.
-        max_recognize_bytes: largest audio buffer for the unary Recognize.
+        max_recognize_bytes: largest audio buffer for the unary Recognize. gRPC's receive
+            limit is per server, not per method, so this (plus 64 KiB) is also the largest
+            message a stream can make the server receive before its own 1 MiB chunk limit
+            refuses it: kept at 16 MiB (300 s of 16 kHz LINEAR16 fits; longer audio streams).
         max_recognize_seconds: longest audio for the unary Recognize; longer audio belongs
             in a stream. It bounds the memory and the inference time one call can take.
         config_timeout_seconds: a stream must send its ``streaming_config`` within this
@@ -197,7 +200,7 @@ class ServerOptions:
     max_concurrent_streams: int = 32
     max_stream_seconds: float = 3600.0
     max_chunk_bytes: int = 1 << 20
-    max_recognize_bytes: int = 64 << 20
+    max_recognize_bytes: int = 16 << 20
     max_recognize_seconds: float = 300.0
     config_timeout_seconds: float = 10.0
     idle_timeout_seconds: float = 15.0

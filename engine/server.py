@@ -228,7 +228,12 @@ async def serve(
     """Runs a server until SIGTERM or SIGINT, then drains, flushes telemetry and exits."""
     server = SttServer(options, model_options, telemetry, security)
     logger.info(telemetry.describe())
-    await server.start()
+    try:
+        await server.start()
+    except RuntimeError as exc:  # the port is taken or the address is not ours
+        logger.error("cannot listen on %s: %s", options.address, " ".join(str(exc).split()))
+        await asyncio.to_thread(telemetry.shutdown)
+        raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain_and_stop()))

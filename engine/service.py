@@ -14,6 +14,7 @@ from . import __version__
 from .api import stt_pb2, stt_pb2_grpc
 from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SUPPORTED_ENCODINGS
 from .errors import SttError, invalid_argument, out_of_range
+from .memory import LARGE_REQUEST_BYTES, release_soon
 from .model import SpeechModel
 from .options import ServerOptions
 from .scheduler import InferenceScheduler
@@ -158,6 +159,8 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
             await abort_with(context, call, error)
         finally:
             self.recognizing -= 1
+            if len(request.audio_content) >= LARGE_REQUEST_BYTES:
+                release_soon()
 
     async def GetServerInfo(
         self, request: stt_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext

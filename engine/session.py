@@ -33,6 +33,7 @@ from .api import stt_pb2
 from .audio import AudioDecoder
 from .context import SpokenContext
 from .errors import SttError, invalid_argument, out_of_range
+from .memory import LARGE_REQUEST_BYTES, release_soon
 from .model import DecodeRequest, Hypothesis, SpeechModel
 from .options import TARGET_SAMPLE_RATE, ServerOptions
 from .recognizer import (
@@ -111,6 +112,7 @@ class StreamSession:
         self._finals: list[asyncio.Task] = []
         self._speculation: asyncio.Future | None = None  # a final decode started in a pause
         self._config_read: asyncio.Future | None = None
+        self._large_request = False  # a message of megabytes: return the heap it used
         self._reading = False
         # Audio of ended utterances whose finals are not decoded yet, and whether it is
         # within the limit (reading waits for it).
@@ -130,6 +132,7 @@ class StreamSession:
         """Yields responses; raises SttError after delivering every final it owes."""
         try:
             first = await self._first_message(requests)
+            self._large_request = first is not None and first.ByteSize() >= LARGE_REQUEST_BYTES
             if first is None or not first.HasField("streaming_config"):
                 got = "end of stream" if first is None else "audio_content"
                 raise invalid_argument(
@@ -208,6 +211,8 @@ class StreamSession:
         self._out.put_nowait(error)
 
     def _close(self) -> None:
+        if self._large_request:
+            release_soon()
         self._discard_speculation()
         tasks = [self._reader, self._interim, self._context_ready, *self._finals]
         for task in tasks:
@@ -284,6 +289,7 @@ class StreamSession:
         """Feeds one chunk; returns False once the stream should stop reading."""
         started_ns = time.time_ns()
         limits = self.options
+        self._large_request = self._large_request or len(data) >= LARGE_REQUEST_BYTES
         if len(data) > limits.max_chunk_bytes:
             raise out_of_range(
                 "STT_CHUNK_TOO_LARGE",
