@@ -11,6 +11,7 @@ with Whisper's temperature fallback, as offline transcription does.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 BUNDLED_MODEL = "tiny.en"
 FRAMES_PER_SECOND = 100  # mel frames: 10 ms hop
 MAX_ENCODER_FRAMES = 3000
+PROMPT_CACHE_SIZE = 256  # distinct client prompts kept tokenized (at most 1000 characters each)
 PUNCTUATION_BEFORE = "\"'“¿([{-"
 PUNCTUATION_AFTER = "\"'.。,，!！?？:：”)]}、"
 
@@ -147,6 +149,8 @@ class SpeechModel:
         self.name = options.model if not Path(options.model).exists() else Path(options.model).name
         self.device = self._whisper.model.device
         self._tokenizers: dict[str | None, tuple] = {}
+        self._prompt_cache: dict[tuple[int, str], list[int]] = {}
+        self._prompt_lock = threading.Lock()
 
     @property
     def multilingual(self) -> bool:
@@ -315,10 +319,24 @@ class SpeechModel:
         keeps the last ``max_length // 2 - 1`` previous tokens, which would cut the hot words
         first; this keeps them and cuts the oldest context instead."""
         budget = self._whisper.max_length // 2 - 1
-        words = tokenizer.encode(" " + hot_words.strip())[: budget // 2] if hot_words.strip() else []
+        hot_words = hot_words.strip()
+        words = self._hot_word_tokens(tokenizer, hot_words)[: budget // 2] if hot_words else []
         spoken = tokenizer.encode(" " + context.strip()) if context.strip() else []
         room = budget - len(words)
         return words + (spoken[-room:] if spoken and room > 0 else [])
+
+    def _hot_word_tokens(self, tokenizer, hot_words: str) -> list[int]:
+        """The client's prompt, tokenized once: every decode of a stream reuses it."""
+        key = (id(tokenizer), hot_words)
+        with self._prompt_lock:  # decodes run on several threads
+            tokens = self._prompt_cache.get(key)
+        if tokens is None:
+            tokens = tokenizer.encode(" " + hot_words)
+            with self._prompt_lock:
+                if len(self._prompt_cache) >= PROMPT_CACHE_SIZE:
+                    self._prompt_cache.pop(next(iter(self._prompt_cache)))  # the oldest
+                self._prompt_cache[key] = tokens
+        return tokens
 
     def _align_words(self, tokenizer, tokens, encoder_output, content_frames) -> list[Word]:
         from faster_whisper.transcribe import merge_punctuations

@@ -67,6 +67,17 @@ def test_interims_decode_a_bounded_window_of_a_long_utterance(model, jfk):
     assert wer([JFK_TEXT], [transcript]) < 0.1, transcript
 
 
+def test_a_prompt_is_tokenized_once_and_cut_to_its_budget(model, jfk):
+    model._prompt_cache.clear()
+    prompt = "Kennedy, inaugural address, " * 35  # 980 characters, more tokens than Whisper reads
+    first = model.decode(jfk[: 16000 * 3], DecodeRequest(final=False, prompt=prompt))
+    again = model.decode(jfk[: 16000 * 3], DecodeRequest(final=False, prompt=prompt))
+    assert len(model._prompt_cache) == 1 and first.text == again.text
+    (tokens,) = model._prompt_cache.values()
+    budget = model._whisper.max_length // 2 - 1
+    assert len(tokens) > budget // 2  # the cut happens per decode, after the cache
+
+
 def test_silence_is_not_speech(model):
     hypothesis = model.decode(np.zeros(32000, np.float32), DecodeRequest(final=True))
     assert hypothesis.text == "" and not hypothesis.is_speech
