@@ -73,3 +73,33 @@ def cut_repetition(text: str) -> str:
         return text
     start, period = loop
     return " ".join(text.split()[: start + period])
+
+
+def cut_trailing_repeat(text: str, min_words: int = 2) -> str:
+    """The text without a tail that says again what came just before it.
+
+    Greedy interim decodes of audio that ends mid-speech, padded with silence, often start
+    over: "Go forward. Go forward. Go forward." or "She had your dark suit in greasy wash
+    water all year. She had your dark su" (the last word may be cut short). Such a tail of at
+    least ``min_words`` words, repeating the words one period back, is dropped. Only for
+    interims: a final's repetition may be what was said.
+    """
+    words = text.split()
+    keys = [word_key(word) for word in words]
+    count = len(keys)
+    for start in range(1, count - min_words + 1):  # the earliest cut is the whole repeat
+        for period in range(min_words, start + 1):
+            origin = start - period
+            # A tail shorter than its period repeats part of a phrase: only a restart, from
+            # the beginning or from a sentence start, is a repeat ("... for your country"
+            # ending like "what your country" began is not).
+            restart = origin == 0 or words[origin - 1].endswith((".", "?", "!"))
+            if count - start < period and not restart:
+                continue
+            for index in range(start, count):
+                key, earlier = keys[index], keys[index - period]
+                if key != earlier and not (index == count - 1 and key and earlier.startswith(key)):
+                    break
+            else:
+                return " ".join(words[:start])
+    return text

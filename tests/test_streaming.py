@@ -14,7 +14,7 @@ from engine.audio import AudioDecoder, float_to_linear16, read_audio_file
 from engine.client import SpeechClient, StreamConfig, chunk_bytes, final_transcripts
 from engine.options import StreamingOptions
 from engine.recognizer import SpeechResumed, StreamingRecognizer
-from engine.text import compression_ratio, is_repetition_loop
+from engine.text import compression_ratio, cut_trailing_repeat, is_repetition_loop
 from tests.helpers import JFK_TEXT, SAMPLE, ffmpeg, long_segment, paused_jfk, wer
 
 
@@ -95,6 +95,7 @@ def test_interim_results_arrive_before_the_utterance_ends(server, jfk):
     for r, _ in interims:
         text = r.result.alternatives[0].transcript
         assert compression_ratio(text) <= 2.4 and not is_repetition_loop(text), text
+        assert cut_trailing_repeat(text) == text, text  # no "Go forward. Go forward."
     events = [r.speech_event.type for r in responses if r.HasField("speech_event")]
     assert (
         events.count(stt_pb2.SpeechEvent.SPEECH_STARTED)

@@ -1,6 +1,8 @@
 """Checks on decoded text: loops that Whisper's compression ratio cannot see."""
 
-from engine.text import compression_ratio, cut_repetition, has_words, is_repetition_loop
+import pytest
+
+from engine.text import compression_ratio, cut_repetition, cut_trailing_repeat, has_words, is_repetition_loop
 
 
 def test_looping_hypotheses_are_recognised_and_cut():
@@ -23,3 +25,32 @@ def test_looping_hypotheses_are_recognised_and_cut():
 def test_compression_ratio_flags_long_loops_only():
     assert compression_ratio("the the the the the the the the the the the the the the the the") > 2.4
     assert compression_ratio("S X X X X X X X X X X X") < 2.4  # why the loop check exists
+
+
+@pytest.mark.parametrize(
+    "text, shown",
+    [
+        # Interims of ../shared/audio that started over at the end of their audio:
+        ("Go forward. Go forward. Go forward.", "Go forward."),
+        ("Printing in the only sense. Printing in the only sense. Printing", "Printing in the only sense."),
+        (
+            "She had your dog suit in greasy wash for all year. She had your dog su",
+            "She had your dog suit in greasy wash for all year.",
+        ),
+        (
+            "produced The Block Books, produced The Block Books, produced The Block",
+            "produced The Block Books,",
+        ),
+        ("It works. It works fine. It works", "It works. It works fine."),
+        # Repetitions that are speech, or not a restart, stay:
+        ("no no no", "no no no"),
+        ("1 1", "1 1"),
+        ("I think I think we should go", "I think I think we should go"),
+        (
+            "ask not what your country can do for you ask what you can do for your country",
+            "ask not what your country can do for you ask what you can do for your country",
+        ),
+    ],
+)
+def test_an_interim_that_starts_over_is_shown_without_the_repeat(text, shown):
+    assert cut_trailing_repeat(text) == shown
