@@ -13,6 +13,7 @@ server's peak RSS.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import threading
@@ -147,9 +148,7 @@ def main() -> None:
     try:
         for name in ["none", *args.attacks]:
             stop = threading.Event()
-            attack = attacks.get(name)
-            if name == "flood":
-                attack = lambda t, s: flood(t, s, audio)  # noqa: E731
+            attack = functools.partial(flood, audio=audio) if name == "flood" else attacks.get(name)
             thread = threading.Thread(target=attack, args=(target, stop), daemon=True) if attack else None
             if thread:
                 thread.start()

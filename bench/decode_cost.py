@@ -30,7 +30,6 @@ from engine.context import SpokenContext  # noqa: E402
 from engine.model import DecodeRequest, SpeechModel  # noqa: E402
 from engine.options import DecodeOptions, ModelOptions, StreamingOptions  # noqa: E402
 from engine.recognizer import InterimDue, InterimWindow, StreamingRecognizer, UtteranceEnded  # noqa: E402
-from engine.text import cut_trailing_repeat  # noqa: E402
 
 
 def wer(references: list[str], hypotheses: list[str]) -> float | None:
@@ -105,8 +104,7 @@ def main() -> None:
                 )
                 hypothesis = model.decode(event.audio[int(plan.start * 16000) :], request)
                 if hypothesis.text and not hypothesis.looped:
-                    said = cut_trailing_repeat(hypothesis.text)
-                    interim, _ = window.update(said, hypothesis.words[: len(said.split())])
+                    interim, _ = window.update(hypothesis.text, hypothesis.words)
                 cpu["interim"] += time.process_time() - began
                 counts["interim"] += 1
             elif isinstance(event, UtteranceEnded):

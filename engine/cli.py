@@ -20,7 +20,7 @@ from . import __version__
 from .api import stt_pb2
 from .audio import read_audio_file
 from .client import SpeechClient, StreamConfig, read_token
-from .options import ModelOptions, ServerOptions, env_default
+from .options import ModelOptions, ServerOptions, env_default, env_flag
 from .security import SecurityOptions
 
 SAMPLE = Path(__file__).parent / "samples" / "jfk.wav"
@@ -230,7 +230,7 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--telemetry-console",
         action="store_true",
-        default=e("telemetry_console", "false").strip().lower() in ("1", "true", "yes", "on"),
+        default=env_flag("telemetry_console"),
         help="print spans, metrics and logs to the console instead of OTLP (env STT_TELEMETRY_CONSOLE)",
     )
     parser.add_argument(
@@ -300,7 +300,7 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tls",
         action="store_true",
-        default=e("tls", "false").strip().lower() in ("1", "true", "yes", "on"),
+        default=env_flag("tls"),
         help="connect with TLS, trusting the system roots unless --tls-ca (env STT_TLS)",
     )
     parser.add_argument("--tls-ca", default=e("tls_ca", None), help="PEM CA to trust; implies --tls")

@@ -51,26 +51,20 @@ def release_free_memory() -> None:
 LARGE_REQUEST_BYTES = 1 << 20
 RELEASE_DELAY = 0.5
 
-_release_pending = False
 _release_task: asyncio.Task | None = None  # held: the loop keeps only weak references
 
 
 def release_soon() -> None:
     """Schedules a garbage collection and ``release_free_memory`` (off the event loop)
     after ``RELEASE_DELAY``; calls made before it runs share it. Call from the event loop."""
-    global _release_pending, _release_task
-    if _release_pending:
+    global _release_task
+    if _release_task is not None and not _release_task.done():
         return
-    _release_pending = True
 
     async def release() -> None:
-        global _release_pending
-        try:
-            await asyncio.sleep(RELEASE_DELAY)
-            gc.collect()
-            await asyncio.to_thread(release_free_memory)
-        finally:
-            _release_pending = False
+        await asyncio.sleep(RELEASE_DELAY)
+        gc.collect()
+        await asyncio.to_thread(release_free_memory)
 
     _release_task = asyncio.get_running_loop().create_task(release())
 

@@ -214,3 +214,8 @@ class ServerOptions:
 def env_default(name: str, default: str) -> str:
     """Reads ``STT_<NAME>`` from the environment, falling back to ``default``."""
     return os.environ.get("STT_" + name.upper(), default)
+
+
+def env_flag(name: str) -> bool:
+    """Whether ``STT_<NAME>`` is set to a true value (1, true, yes, on)."""
+    return env_default(name, "false").strip().lower() in ("1", "true", "yes", "on")

@@ -8,12 +8,12 @@ utterance plus a short pre-roll, so memory stays bounded however long a stream i
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
 from .options import TARGET_SAMPLE_RATE, StreamingOptions
+from .text import cut_trailing_repeat, word_key
 from .vad import FRAME_SAMPLES, StreamingVad
 
 FRAME_SECONDS = FRAME_SAMPLES / TARGET_SAMPLE_RATE
@@ -320,30 +320,6 @@ class StreamingRecognizer:
         return event
 
 
-_WORD_KEY = re.compile(r"[^\w']+")
-
-
-def _word_key(word: str) -> str:
-    return _WORD_KEY.sub("", word.lower())
-
-
-def is_repetition_loop(text: str, max_repeats: int = 4) -> bool:
-    """Whether a hypothesis is the same word over and over (``s s s s s``).
-
-    Greedy decodes of the first half second of an utterance sometimes loop like this with
-    high confidence, so neither Whisper's log-prob nor its compression-ratio test catches
-    it (the text is too short). Only interims are filtered; finals use beam search and
-    temperature fallback.
-    """
-    keys = [_word_key(word) for word in text.split()]
-    run = 1
-    for previous, current in zip(keys, keys[1:]):
-        run = run + 1 if current == previous else 1
-        if run >= max_repeats:
-            return True
-    return False
-
-
 class LocalAgreement:
     """LocalAgreement-2 over interim hypotheses of one utterance.
 
@@ -369,7 +345,7 @@ class LocalAgreement:
         words = text.split()
         agreed = 0
         for old, new in zip(self._previous, words):
-            if _word_key(old) != _word_key(new):
+            if word_key(old) != word_key(new):
                 break
             agreed += 1
         # The last word of a hypothesis is often cut mid-speech: never commit it.
@@ -432,9 +408,14 @@ class InterimWindow:
 
     def update(self, text: str, words: list | None = None) -> tuple[str, float]:
         """Takes the window's hypothesis (and its aligned words, offsets in the window);
-        returns the utterance's interim transcript and its stability."""
+        returns the utterance's interim transcript and its stability.
+
+        A greedy decode that starts over at the end of its audio ("Go forward. Go forward.")
+        counts without the repeat (``text.cut_trailing_repeat``)."""
+        text = cut_trailing_repeat(text)
+        words = words[: len(text.split())] if words else words
         said_before = self.agreement.stable_words[: self._words_before]
-        transcript, stability = self.agreement.update(" ".join([*said_before, text]) if said_before else text)
+        transcript, stability = self.agreement.update(" ".join([*said_before, text]))
         movable = len(self.agreement.stable_words) - self._words_before
         # Words and text must correspond one to one to know where the stable ones end.
         if words and movable > 0 and len(words) == len(text.split()):

@@ -181,16 +181,12 @@ class SttServer:
         await self.health.enter_graceful_shutdown()
         open_streams = len(self.service.sessions)
         logger.info("draining: health NOT_SERVING, %d open streams", open_streams)
-        deadline = time.monotonic() + self.options.drain_seconds
-        while self.service.sessions and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._sessions_end_within(self.options.drain_seconds)
         for session in list(self.service.sessions):
             session.stop()
         # Stopped sessions still decode and deliver the finals of what they received, for a
         # short grace; whatever is still open then ends with a status the client can act on.
-        final_deadline = time.monotonic() + FINALS_GRACE_SECONDS
-        while self.service.sessions and time.monotonic() < final_deadline:
-            await asyncio.sleep(0.05)
+        await self._sessions_end_within(FINALS_GRACE_SECONDS)
         for session in list(self.service.sessions):
             session.abort(
                 SttError(
@@ -200,8 +196,7 @@ class SttServer:
                     "retry the rest on another instance",
                 )
             )
-        while self.service.sessions and time.monotonic() < final_deadline + 1.0:
-            await asyncio.sleep(0.05)
+        await self._sessions_end_within(1.0)
         if self._server is not None:
             await self._server.stop(grace=1.0)
         if self._health_server is not None:
@@ -214,6 +209,11 @@ class SttServer:
             self.telemetry.model_unloaded(self.model.name)
         logger.info("stopped")
         self._stopped.set()
+
+    async def _sessions_end_within(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while self.service.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

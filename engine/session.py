@@ -48,7 +48,6 @@ from .recognizer import (
 )
 from .scheduler import InferenceScheduler, StaleInterim
 from .settings import RecognitionSettings, recognition_settings
-from .text import cut_trailing_repeat
 
 if TYPE_CHECKING:
     from otel import CallTelemetry, StreamTelemetry
@@ -398,9 +397,7 @@ class StreamSession:
             return  # the utterance ended meanwhile; its final supersedes this
         if not hypothesis.text or hypothesis.looped:
             return  # nothing, or a looping guess: the next interim or the final does better
-        # A greedy decode that starts over at the end of its audio is shown without the repeat.
-        said = cut_trailing_repeat(hypothesis.text)
-        text, stability = window.update(said, hypothesis.words[: len(said.split())])
+        text, stability = window.update(hypothesis.text, hypothesis.words)
         self._put(
             stt_pb2.StreamingRecognizeResponse(
                 result=stt_pb2.StreamingRecognitionResult(
