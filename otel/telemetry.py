@@ -491,13 +491,18 @@ class StreamTelemetry(CallTelemetry):
             self._first_interim_sent.add(utterance_index)
             entry = self._utterances.get(utterance_index)
             if entry is not None:
-                self.instruments.first_interim_latency.record(time.perf_counter() - entry[2])
+                latency = time.perf_counter() - entry[2]
+                self.instruments.first_interim_latency.record(latency, context=entry[1])
 
     def final_sent(self, utterance_index: int, speech_end: float) -> None:
         self.instruments.results.add(1, {"stt.result.kind": "final"})
         arrived = self._arrival(speech_end)
         if arrived is not None:
-            self.instruments.final_latency.record(time.perf_counter() - arrived)
+            # In the utterance's context, so that the exemplar points at the utterance's trace
+            # (the caller may run outside the call's context, where no span is current).
+            entry = self._utterances.get(utterance_index)
+            context = entry[1] if entry is not None else self.span_context
+            self.instruments.final_latency.record(time.perf_counter() - arrived, context=context)
         self.utterance_done(utterance_index)
 
     def utterance_done(self, utterance_index: int) -> None:

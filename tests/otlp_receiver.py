@@ -94,24 +94,27 @@ class OtlpReceiver(
 
 
 class OtlpHttpReceiver(OtlpReceiver):
-    """The same store behind OTLP/HTTP (protobuf bodies on /v1/traces, /v1/metrics, /v1/logs)."""
+    """The same store behind OTLP/HTTP (protobuf bodies on /v1/traces, /v1/metrics, /v1/logs).
 
-    def __init__(self) -> None:
+    ``prefix`` puts the paths under another root, as Loki serves them (``/otlp/v1/logs``).
+    """
+
+    def __init__(self, prefix: str = "") -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.traces, self.metrics, self.logs = [], [], []
         self._lock = threading.Lock()
         receiver = self
         kinds = {
-            "/v1/traces": (
+            f"{prefix}/v1/traces": (
                 trace_service_pb2.ExportTraceServiceRequest,
                 trace_service_pb2.ExportTraceServiceResponse,
             ),
-            "/v1/metrics": (
+            f"{prefix}/v1/metrics": (
                 metrics_service_pb2.ExportMetricsServiceRequest,
                 metrics_service_pb2.ExportMetricsServiceResponse,
             ),
-            "/v1/logs": (
+            f"{prefix}/v1/logs": (
                 logs_service_pb2.ExportLogsServiceRequest,
                 logs_service_pb2.ExportLogsServiceResponse,
             ),
@@ -119,6 +122,9 @@ class OtlpHttpReceiver(OtlpReceiver):
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):  # noqa: N802 - http.server's naming
+                if self.path not in kinds:
+                    self.send_error(404, f"no OTLP endpoint at {self.path}")
+                    return
                 request_type, response_type = kinds[self.path]
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 if self.headers.get("Content-Encoding") == "gzip":

@@ -57,7 +57,7 @@ COMPOSE = REPO / "docker-compose.yml"
 COLLECTOR_CONFIG = REPO / "collector-config.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 RUNBOOK = REPO / "docs" / "runbook.md"
-COLLECTOR_VERSION = "0.136.0"  # otel/opentelemetry-collector-contrib image pinned in docker-compose.yml
+COLLECTOR_VERSION = "0.165.0"  # otel/opentelemetry-collector-contrib image pinned in docker-compose.yml
 
 
 def load_yaml(path: Path):
@@ -625,11 +625,12 @@ def test_grafana_dashboard_covers_the_engine_with_exemplars():
 
 # --- the collector -------------------------------------------------------------------------------------
 
-# Component types of otelcol-contrib 0.136.0, from the distribution's manifest
-# (open-telemetry/opentelemetry-collector-releases, distributions/otelcol-contrib/manifest.yaml,
-# modules at v0.136.0), written as the type names used in configuration. Receivers: the common
-# subset. Not in this release: the `loki` exporter (removed in v0.131), a `jaeger` exporter, and
-# the `otlp_grpc` / `otlp_http` names (introduced in v0.144).
+# Component types of otelcol-contrib 0.165.0, from the distribution's manifest
+# (open-telemetry/opentelemetry-collector-releases, distributions/otelcol-contrib/manifest.yaml),
+# written as the type names of that release; the deprecated aliases (`otlp` and `otlphttp`
+# exporters, `spanmetrics` connector) are left out so that the config uses the current names.
+# Receivers: the common subset. Not in this release: the `loki` exporter (removed in v0.131) and
+# a `jaeger` exporter. tests/test_stack.py runs the config in a collector of this release.
 CONTRIB_COMPONENTS = {
     "extensions": {
         "zpages", "health_check", "pprof", "basicauth", "bearertokenauth", "headers_setter",
@@ -649,20 +650,26 @@ CONTRIB_COMPONENTS = {
         "span", "tail_sampling", "transform",
     },
     "exporters": {
-        "debug", "nop", "otlp", "otlphttp", "awss3", "awsxray", "clickhouse", "datadog",
+        "debug", "nop", "otlp_grpc", "otlp_http", "awss3", "awsxray", "clickhouse", "datadog",
         "elasticsearch", "file", "googlecloud", "influxdb", "kafka", "loadbalancing", "opensearch",
         "otelarrow", "prometheus", "prometheusremotewrite", "sentry", "signalfx", "splunk_hec",
         "syslog", "zipkin",
     },
     "connectors": {
         "forward", "count", "datadog", "exceptions", "failover", "grafanacloud", "otlpjson",
-        "roundrobin", "routing", "servicegraph", "spanmetrics", "sum", "signaltometrics",
+        "roundrobin", "routing", "servicegraph", "span_metrics", "sum", "signaltometrics",
     },
 }  # fmt: skip
 
 
 def component_type(component_id: str) -> str:
     return component_id.split("/", 1)[0]
+
+
+def env_default(value: str) -> str:
+    """The compose default of a ``${env:NAME:-default}`` setting (a plain value is its own)."""
+    match = re.fullmatch(r"\$\{env:[A-Z_]+:-(.*)\}", str(value))
+    return match.group(1) if match else str(value)
 
 
 def test_collector_pipelines_use_defined_components_of_the_pinned_release():
@@ -701,19 +708,20 @@ def test_collector_routes_each_signal_to_its_backend():
     pipelines = config["service"]["pipelines"]
     exporters = config["exporters"]
     protocols = config["receivers"]["otlp"]["protocols"]
-    assert protocols["grpc"]["endpoint"].endswith(":4317") and protocols["http"]["endpoint"].endswith(":4318")
+    assert env_default(protocols["grpc"]["endpoint"]) == "0.0.0.0:4317"
+    assert env_default(protocols["http"]["endpoint"]) == "0.0.0.0:4318"
 
     def exporter(signal: str, kind: str) -> dict:
         (found,) = [e for e in pipelines[signal]["exporters"] if component_type(e) == kind]
         return exporters[found]
 
-    assert exporter("traces", "otlp")["endpoint"] == "jaeger:4317"
-    assert exporter("logs", "otlphttp")["endpoint"] == "http://loki:3100/otlp"
+    assert env_default(exporter("traces", "otlp_grpc")["endpoint"]) == "jaeger:4317"
+    assert env_default(exporter("logs", "otlp_http")["endpoint"]) == "http://loki:3100/otlp"
     prometheus = exporter("metrics", "prometheus")
-    assert prometheus["endpoint"].endswith(":8889") and prometheus["enable_open_metrics"] is True
-    assert config["extensions"]["health_check"]["endpoint"].endswith(":13133")
+    assert env_default(prometheus["endpoint"]) == "0.0.0.0:8889" and prometheus["enable_open_metrics"] is True
+    assert env_default(config["extensions"]["health_check"]["endpoint"]) == "0.0.0.0:13133"
     own = config["service"]["telemetry"]["metrics"]["readers"][0]["pull"]["exporter"]["prometheus"]
-    assert own["port"] == 8888
+    assert env_default(own["port"]) == "8888"
     scraped = {
         target
         for job in load_yaml(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"]

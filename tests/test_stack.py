@@ -1,0 +1,724 @@
+"""The observability stack end to end, every part real and on loopback.
+
+engine --OTLP/gRPC--> OpenTelemetry Collector (the shipped collector-config.yaml, endpoints set by
+environment, in a collector of the pinned release built by .ci/setup) --> Jaeger v2 (traces),
+its prometheus exporter scraped by Prometheus 2.42 (the shipped prometheus.yml and alert rules,
+targets and windows shortened) which alerts through Alertmanager 0.25 to a webhook here, and a
+Loki stand-in (an OTLP/HTTP receiver on Loki's /otlp/v1/logs path) for the logs.
+
+The tests run in file order against one stack; the last one kills the collector mid-stream.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import yaml
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from engine.client import SpeechClient, StreamConfig, audio_requests, final_transcripts
+from tests.helpers import (
+    JFK_TEXT,
+    REPO,
+    BackgroundStream,
+    PrometheusProcess,
+    ServerProcess,
+    free_port,
+    stack_tool,
+    tool,
+    wait_until,
+    wer,
+)
+from tests.otlp_receiver import OtlpHttpReceiver
+from tests.test_deploy import (
+    ALERTS,
+    COLLECTOR_CONFIG,
+    COLLECTOR_VERSION,
+    COMPOSE,
+    PROMETHEUS_DIR,
+    alert_rules,
+    dashboard_prometheus_targets,
+    finite_values,
+    grafana_to_promql,
+    load_yaml,
+    value_expression,
+)
+
+STREAMING = "stt.v1.Speech/StreamingRecognize"
+VERSIONS = dict(
+    line.split("=", 1)
+    for line in (REPO / ".ci" / "versions.env").read_text().splitlines()
+    if line and not line.startswith("#")
+)
+
+
+# --- the stack's processes --------------------------------------------------------------------------
+
+
+class Daemon:
+    """A stack process with its output in a log file, stopped by the fixture."""
+
+    def __init__(self, name: str, command: list[str], directory: Path, env: dict | None = None) -> None:
+        self.name, self.command, self.env = name, command, {**os.environ, **(env or {})}
+        self.log_path = directory / f"{name}.log"
+        self.start()
+
+    def start(self) -> None:
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+class AlertWebhook:
+    """Alertmanager's webhook receiver: keeps every notification with the time it arrived."""
+
+    def __init__(self) -> None:
+        self.notifications: list[tuple[float, dict]] = []
+        received = self.notifications
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                received.append((time.time(), body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._http.server_address[1]}/alerts"
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+
+    def alerts(self, name: str, status: str) -> list[tuple[float, dict]]:
+        return [
+            (at, alert)
+            for at, body in list(self.notifications)
+            for alert in body["alerts"]
+            if alert["labels"]["alertname"] == name and alert["status"] == status
+        ]
+
+    def stop(self) -> None:
+        self._http.shutdown()
+
+
+def shortened_rules(directory: Path) -> Path:
+    """A test copy of the alert rules with 20 s windows and 1 s `for`, so an alert fires and
+    resolves within the test; the expressions are otherwise the shipped ones."""
+    rules = load_yaml(ALERTS)
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            rule["expr"] = re.sub(r"\[\d+[smh]\]", "[20s]", rule["expr"])
+            rule["for"] = "1s"
+    path = directory / "alerts.yml"
+    path.write_text(yaml.safe_dump(rules, sort_keys=False))
+    return path
+
+
+def jaeger_config(directory: Path, otlp_port: int, query_port: int, health_port: int) -> Path:
+    config = {
+        "service": {
+            "extensions": ["jaeger_storage", "jaeger_query", "healthcheckv2"],
+            "pipelines": {
+                "traces": {
+                    "receivers": ["otlp"],
+                    "processors": ["batch"],
+                    "exporters": ["jaeger_storage_exporter"],
+                }
+            },
+            "telemetry": {"metrics": {"level": "none"}},
+        },
+        "extensions": {
+            "jaeger_storage": {"backends": {"memory": {"memory": {"max_traces": 10000}}}},
+            "jaeger_query": {
+                "storage": {"traces": "memory"},
+                "http": {"endpoint": f"127.0.0.1:{query_port}"},
+                "grpc": {"endpoint": f"127.0.0.1:{free_port()}"},
+            },
+            "healthcheckv2": {"use_v2": True, "http": {"endpoint": f"127.0.0.1:{health_port}"}},
+        },
+        "receivers": {"otlp": {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{otlp_port}"}}}},
+        "processors": {"batch": {"timeout": "200ms"}},
+        "exporters": {"jaeger_storage_exporter": {"trace_storage": "memory"}},
+    }
+    path = directory / "jaeger.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def prometheus_config(rules: Path, alertmanager: str, exporter: str, telemetry: str) -> dict:
+    """The shipped prometheus.yml with loopback targets, 1 s scrapes and the test's rules."""
+    config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(rules)]
+    config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
+    loopback = {"otel-collector:8889": exporter, "otel-collector:8888": telemetry}
+    jobs = []
+    for job in config["scrape_configs"]:
+        targets = [target for static in job["static_configs"] for target in static["targets"]]
+        if all(target in loopback for target in targets):
+            job["static_configs"] = [{"targets": [loopback[target] for target in targets]}]
+            jobs.append(job)
+    assert {job["job_name"] for job in jobs} == {"otel-collector", "otel-collector-internal"}
+    config["scrape_configs"] = jobs
+    return config
+
+
+@dataclass
+class Stack:
+    directory: Path
+    collector: Daemon
+    collector_env: dict
+    jaeger_query: str
+    prometheus: PrometheusProcess
+    alertmanager: Daemon
+    webhook: AlertWebhook
+    loki: OtlpHttpReceiver
+    engine: ServerProcess
+    engine_metrics_port: int
+    otlp_endpoint: str
+    collector_health: str
+    exporter: str
+    telemetry: str
+    traced: dict = field(default_factory=dict)
+
+    def trace(self, trace_id: str) -> list[dict]:
+        """Jaeger's spans of a trace (empty while it has none)."""
+        try:
+            body = get_json(f"{self.jaeger_query}/api/traces/{trace_id}")
+        except urllib.error.HTTPError as error:
+            if error.code == 404:
+                return []
+            raise
+        return [span for trace in body["data"] or [] for span in trace["spans"]]
+
+    def wait_collector_healthy(self) -> None:
+        def healthy() -> bool:
+            if self.collector.process.poll() is not None:
+                raise AssertionError(f"collector exited:\n{self.collector.log()[-3000:]}")
+            return http_ok(self.collector_health)
+
+        wait_until(healthy, 60, 0.2, "the collector's health_check")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, jfk) -> Stack:
+    directory = tmp_path_factory.mktemp("stack")
+    started: list = []
+    try:
+        # Jaeger v2, in-memory. Its own SDK would export its self-traces to localhost:4317.
+        jaeger_otlp, jaeger_query, jaeger_health = free_port(), free_port(), free_port()
+        config = jaeger_config(directory, jaeger_otlp, jaeger_query, jaeger_health)
+        jaeger = Daemon(
+            "jaeger",
+            [stack_tool("jaeger"), "--config", f"file:{config}"],
+            directory,
+            env={"OTEL_TRACES_EXPORTER": "none"},
+        )
+        started.append(jaeger)
+        loki = OtlpHttpReceiver(prefix="/otlp").start()
+        started.append(loki)
+        webhook = AlertWebhook()
+        started.append(webhook)
+
+        alertmanager_port = free_port()
+        alertmanager_config = directory / "alertmanager.yml"
+        alertmanager_config.write_text(
+            yaml.safe_dump(
+                {
+                    "route": {
+                        "receiver": "test",
+                        "group_by": ["alertname"],
+                        "group_wait": "1s",
+                        "group_interval": "1s",
+                        "repeat_interval": "1h",
+                    },
+                    "receivers": [
+                        {"name": "test", "webhook_configs": [{"url": webhook.url, "send_resolved": True}]}
+                    ],
+                }
+            )
+        )
+        alertmanager = Daemon(
+            "alertmanager",
+            [
+                tool("prometheus-alertmanager"),
+                f"--config.file={alertmanager_config}",
+                f"--storage.path={directory / 'alertmanager'}",
+                f"--web.listen-address=127.0.0.1:{alertmanager_port}",
+                "--cluster.listen-address=",
+            ],
+            directory,
+        )
+        started.append(alertmanager)
+
+        grpc_port, exporter, telemetry, health = free_port(), free_port(), free_port(), free_port()
+        collector_env = {
+            "OTELCOL_HEALTH_ENDPOINT": f"127.0.0.1:{health}",
+            "OTELCOL_ZPAGES_ENDPOINT": f"127.0.0.1:{free_port()}",
+            "OTELCOL_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{grpc_port}",
+            "OTELCOL_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{free_port()}",
+            "JAEGER_OTLP_ENDPOINT": f"127.0.0.1:{jaeger_otlp}",
+            "LOKI_OTLP_ENDPOINT": f"{loki.endpoint}/otlp",
+            "OTELCOL_PROMETHEUS_ENDPOINT": f"127.0.0.1:{exporter}",
+            "OTELCOL_TELEMETRY_HOST": "127.0.0.1",
+            "OTELCOL_TELEMETRY_PORT": str(telemetry),
+            "DEPLOYMENT_ENVIRONMENT": "ci",
+        }
+        collector = Daemon(
+            "collector",
+            [stack_tool("otelcol-stt"), "--config", str(COLLECTOR_CONFIG)],
+            directory,
+            env=collector_env,
+        )
+        started.append(collector)
+
+        prometheus = PrometheusProcess(
+            prometheus_config(
+                shortened_rules(directory),
+                f"127.0.0.1:{alertmanager_port}",
+                f"127.0.0.1:{exporter}",
+                f"127.0.0.1:{telemetry}",
+            ),
+            directory,
+            "--enable-feature=exemplar-storage",
+        )
+        started.append(prometheus)
+
+        engine_metrics_port = free_port()
+        engine = ServerProcess(
+            "--max-streams",
+            "1",
+            "--metrics-port",
+            str(engine_metrics_port),
+            env={
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{grpc_port}",
+                "OTEL_METRIC_EXPORT_INTERVAL": "1000",
+                "OTEL_BSP_SCHEDULE_DELAY": "200",
+                "OTEL_BLRP_SCHEDULE_DELAY": "200",
+                "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=ci",
+            },
+        )
+        started.append(engine)
+        stack = Stack(
+            directory=directory,
+            collector=collector,
+            collector_env=collector_env,
+            jaeger_query=f"http://127.0.0.1:{jaeger_query}",
+            prometheus=prometheus,
+            alertmanager=alertmanager,
+            webhook=webhook,
+            loki=loki,
+            engine=engine,
+            engine_metrics_port=engine_metrics_port,
+            otlp_endpoint=f"127.0.0.1:{grpc_port}",
+            collector_health=f"http://127.0.0.1:{health}/",
+            exporter=f"127.0.0.1:{exporter}",
+            telemetry=f"127.0.0.1:{telemetry}",
+        )
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{jaeger_health}/status"), 60, 0.2, "Jaeger's health")
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{alertmanager_port}/-/ready"), 60, 0.2, "Alertmanager")
+        stack.wait_collector_healthy()
+        wait_until(lambda: http_ok(f"http://127.0.0.1:{prometheus.port}/-/ready"), 60, 0.2, "Prometheus")
+        engine.wait_ready()
+        stack.traced = first_traffic(stack, jfk)
+        yield stack
+    finally:
+        for part in reversed(started):
+            part.stop()
+        for part in started:
+            if isinstance(part, Daemon):
+                print(f"--- {part.name} log (tail) ---\n{part.log()[-2000:]}")
+
+
+def first_traffic(stack: Stack, jfk: np.ndarray) -> dict:
+    """What the dashboard needs to show data: a short stream that creates the series, then the
+    traced real-time stream with two refused calls (--max-streams 1) while it runs, each scraped
+    before the next so that every rate is above zero."""
+    with stack.engine.client() as client:
+        assert final_transcripts(client.stream_audio(jfk[: 4 * 16000], StreamConfig(), realtime=False))
+        client.server_info()
+    stack.prometheus.wait_for("sum(stt_realtime_factor_count)", 1, timeout=60)
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(stream_with_client_span, stack, jfk)
+        wait_until(lambda: stack.engine.active_streams() == 1, 30, what="the traced stream to be admitted")
+        with stack.engine.client() as client:
+            for refusals in (1, 2):
+                with pytest.raises(grpc.RpcError) as refused:
+                    client.recognize(jfk[:16000])
+                assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                stack.prometheus.wait_for("sum(stt_errors_total)", refusals, timeout=60)
+        traced = streaming.result(timeout=120)
+    stack.prometheus.wait_for("sum(stt_realtime_factor_count)", 2, timeout=60)  # the traced stream ended
+    return traced
+
+
+def stream_with_client_span(stack: Stack, audio: np.ndarray) -> dict:
+    """Real speech streamed at real time under a client span exported to the same collector."""
+    provider = TracerProvider(resource=Resource.create({"service.name": "stt-e2e-client"}))
+    exporter = OTLPSpanExporter(endpoint=stack.otlp_endpoint, insecure=True)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    sent: list = []
+
+    def requests():
+        yield StreamConfig().first_request()
+        for request in audio_requests(audio, 100, realtime=True):
+            sent.append(request)
+            yield request
+
+    try:
+        tracer = provider.get_tracer("stt-e2e-client")
+        with tracer.start_as_current_span("transcribe jfk.wav", kind=SpanKind.CLIENT) as client_span:
+            carrier: dict[str, str] = {}
+            TraceContextTextMapPropagator().inject(carrier)
+            with SpeechClient(stack.engine.target) as client:
+                responses = list(client.stream(requests(), metadata=list(carrier.items())))
+        context = client_span.get_span_context()
+    finally:
+        provider.shutdown()
+    finals = final_transcripts(responses)
+    assert wer([JFK_TEXT], [" ".join(finals)]) < 0.1, finals
+    return {
+        "trace_id": format(context.trace_id, "032x"),
+        "client_span_id": format(context.span_id, "016x"),
+        "chunks": len(sent),
+        "ended": time.time(),
+    }
+
+
+# --- what ships is what runs ----------------------------------------------------------------------
+
+
+def test_the_collector_under_test_is_the_release_compose_ships():
+    compose = load_yaml(COMPOSE)["services"]
+    assert VERSIONS["OTELCOL_STT_VERSION"] == COLLECTOR_VERSION
+    assert compose["otel-collector"]["image"] == f"otel/opentelemetry-collector-contrib:{COLLECTOR_VERSION}"
+    assert compose["jaeger"]["image"] == f"jaegertracing/jaeger:{VERSIONS['JAEGER_V2_RELEASE'].lstrip('v')}"
+    builder = load_yaml(REPO / ".ci" / "otelcol" / "builder-config.yaml")
+    assert builder["dist"]["version"] == COLLECTOR_VERSION
+    # Exactly the shipped config's component types, no more: a test against a fatter collector
+    # could pass with a config that the compose image refuses, or hide an unused module.
+    components = subprocess.run(
+        [stack_tool("otelcol-stt"), "components"], capture_output=True, text=True, check=True
+    )
+    listed = yaml.safe_load(components.stdout)
+    kinds = ("receivers", "processors", "exporters", "connectors", "extensions")
+    built = {kind: {entry["name"] for entry in listed[kind]} for kind in kinds}
+    config = load_yaml(COLLECTOR_CONFIG)
+    used = {kind: {name.split("/", 1)[0] for name in config.get(kind, {})} for kind in built}
+    assert used == built, (used, built)
+
+
+def test_otelcol_validate_accepts_the_shipped_config_without_any_environment():
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("OTELCOL_", "DEPLOYMENT_"))}
+    validated = subprocess.run(
+        [stack_tool("otelcol-stt"), "validate", "--config", str(COLLECTOR_CONFIG)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert validated.returncode == 0, validated.stderr
+    printed = subprocess.run(
+        [stack_tool("otelcol-stt"), "print-config", "--config", str(COLLECTOR_CONFIG)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert printed.returncode == 0, printed.stderr
+    resolved = yaml.safe_load(printed.stdout)
+    # The compose defaults apply: DEPLOYMENT_ENVIRONMENT unset stamps "production".
+    (environment,) = resolved["processors"]["resource"]["attributes"]
+    assert environment["value"] == "production"
+    assert resolved["exporters"]["otlp_grpc/jaeger"]["endpoint"] == "jaeger:4317"
+
+
+# --- traces -----------------------------------------------------------------------------------------
+
+
+def test_jaeger_returns_the_whole_stream_trace_under_the_client_span(stack):
+    traced = stack.traced
+    chunks = traced["chunks"]
+
+    def complete() -> list[dict]:
+        spans = stack.trace(traced["trace_id"])
+        names = Counter(span["operationName"] for span in spans)
+        whole = names[STREAMING] == 1 and names["stt.chunk"] == chunks and names["transcribe jfk.wav"] == 1
+        return spans if whole else []
+
+    spans = wait_until(complete, 30, 0.5, "Jaeger to hold the whole trace")
+    by_id = {span["spanID"]: span for span in spans}
+    names = Counter(span["operationName"] for span in spans)
+    print("trace as Jaeger returned it:", dict(sorted(names.items())))
+
+    def parent(span: dict) -> dict | None:
+        for reference in span["references"]:
+            if reference["refType"] == "CHILD_OF" and reference["traceID"] == traced["trace_id"]:
+                return by_id.get(reference["spanID"])
+        return None
+
+    (client,) = [span for span in spans if span["operationName"] == "transcribe jfk.wav"]
+    (server,) = [span for span in spans if span["operationName"] == STREAMING]
+    assert client["spanID"] == traced["client_span_id"] and parent(client) is None
+    assert parent(server) is client
+    # Utterances under the server span; one span per chunk sent, under the utterance its audio
+    # belongs to (or the server span, for audio between utterances).
+    utterances = [span for span in spans if span["operationName"] == "stt.utterance"]
+    assert utterances and all(parent(span) is server for span in utterances)
+    chunk_spans = [span for span in spans if span["operationName"] == "stt.chunk"]
+    indexes = sorted(
+        tag["value"] for span in chunk_spans for tag in span["tags"] if tag["key"] == "stt.chunk.index"
+    )
+    assert indexes == list(range(chunks))
+    under = Counter(parent(span)["operationName"] for span in chunk_spans)
+    assert set(under) == {STREAMING, "stt.utterance"} and under["stt.utterance"] > chunks // 2, under
+    # Decode spans linked (FOLLOWS_FROM in Jaeger's model) to the chunks whose audio they decoded.
+    for kind in ("interim", "final"):
+        decodes = [span for span in spans if span["operationName"] == f"stt.decode.{kind}"]
+        assert decodes, f"no stt.decode.{kind} span"
+        for decode in decodes:
+            links = [ref for ref in decode["references"] if ref["refType"] == "FOLLOWS_FROM"]
+            linked = {by_id[ref["spanID"]]["operationName"] for ref in links}
+            assert linked == {"stt.chunk"}, decode
+    processes = get_json(f"{stack.jaeger_query}/api/traces/{traced['trace_id']}")["data"][0]["processes"]
+    services = {process["serviceName"] for process in processes.values()}
+    assert services == {"stt-engine", "stt-e2e-client"}
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+
+def exposed_names(url: str) -> set[str]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+    return {line.split("{")[0].split(" ")[0] for line in lines}
+
+
+def test_prometheus_answers_every_dashboard_and_alert_query_through_the_collector(stack):
+    up = stack.prometheus.query('up{job=~"otel-collector.*"}')
+    assert {series["metric"]["job"]: series["value"][1] for series in up} == {
+        "otel-collector": "1",
+        "otel-collector-internal": "1",
+    }
+    empty = []
+    for title, target in dashboard_prometheus_targets():
+        expr = grafana_to_promql(target["expr"])
+        if not finite_values(stack.prometheus.query(expr)):
+            empty.append(f"{title}: {expr}")
+    for rule in alert_rules():
+        stack.prometheus.query(rule["expr"])
+        if not finite_values(stack.prometheus.query(value_expression(rule["expr"]))):
+            empty.append(f"{rule['alert']}: {value_expression(rule['expr'])}")
+    assert not empty, "no data through the collector:\n" + "\n".join(empty)
+    # The collector's exporter and the engine's own --metrics-port serve the same engine names,
+    # so the dashboard works on either (collector-config.yaml promises it).
+    through_collector = exposed_names(f"http://{stack.exporter}/metrics")
+    direct = exposed_names(f"http://127.0.0.1:{stack.engine_metrics_port}/metrics")
+    engine_names = {name for name in direct if name.startswith(("stt_", "rpc_"))}
+    assert engine_names and engine_names <= through_collector, engine_names - through_collector
+    print("engine series through the collector:", sorted(engine_names))
+    print("span metrics:", sorted(n for n in through_collector if n.startswith("traces_span_metrics")))
+
+
+def test_the_runbook_names_the_collector_self_metrics_as_prometheus_stores_them(stack):
+    runbook = (REPO / "docs" / "runbook.md").read_text()
+    named = set(re.findall(r"\b(otelcol_[a-z_]+)", runbook))
+    assert named, "the runbook names no collector metric"
+    names = stack.prometheus.api('/api/v1/label/__name__/values?match[]={job="otel-collector-internal"}')
+    stored = set(names["data"])
+    print("collector self-metrics:", sorted(name for name in stored if name.startswith("otelcol_")))
+
+    # A failure counter exists only once something failed; its success sibling, from the same
+    # component, proves the name (same prefix, same suffix rules).
+    def seen(name: str) -> bool:
+        return (
+            name in stored
+            or name.replace("_refused_", "_accepted_").replace("_send_failed_", "_sent_") in stored
+        )
+
+    unknown = sorted(name for name in named if not seen(name))
+    assert not unknown, f"named in docs/runbook.md, unknown to the collector: {unknown}"
+
+
+def test_an_exemplar_on_final_latency_leads_to_a_trace_jaeger_has(stack):
+    now = time.time()
+
+    def exemplars() -> list[dict]:
+        query = urllib.parse.urlencode(
+            {"query": "stt_final_latency_seconds_bucket", "start": now - 600, "end": time.time()}
+        )
+        data = stack.prometheus.api(f"/api/v1/query_exemplars?{query}")["data"]
+        return [exemplar for series in data for exemplar in series["exemplars"]]
+
+    found = wait_until(exemplars, 30, 0.5, "an exemplar on stt_final_latency_seconds_bucket")
+    trace_ids = {exemplar["labels"]["trace_id"] for exemplar in found}
+    assert stack.traced["trace_id"] in trace_ids, trace_ids
+    for trace_id in trace_ids:
+        assert stack.trace(trace_id), f"exemplar trace {trace_id} is not in Jaeger"
+
+
+# --- logs -------------------------------------------------------------------------------------------
+
+
+def test_the_logs_leg_carries_what_loki_indexes(stack):
+    trace_id = bytes.fromhex(stack.traced["trace_id"])
+
+    def stream_logs() -> list:
+        return [
+            (resource, record)
+            for request in list(stack.loki.logs)
+            for resource in request.resource_logs
+            for scope in resource.scope_logs
+            for record in scope.log_records
+            if record.trace_id == trace_id
+        ]
+
+    records = wait_until(stream_logs, 30, 0.2, "log records of the stream at the Loki endpoint")
+    for resource, record in records:
+        attributes = {kv.key: kv.value.string_value for kv in resource.resource.attributes}
+        # Loki's default index labels from resource attributes: service_name, and the
+        # deployment environment the collector's resource processor stamps.
+        assert attributes["service.name"] == "stt-engine"
+        assert attributes["deployment.environment.name"] == "ci"
+        # trace_id and span_id become structured metadata.
+        assert len(record.span_id) == 8 and record.span_id != bytes(8)
+    spans = {span["spanID"] for span in stack.trace(stack.traced["trace_id"])}
+    assert {record.span_id.hex() for _, record in records} <= spans
+
+
+# --- alerts -----------------------------------------------------------------------------------------
+
+
+def test_refused_streams_fire_the_error_ratio_alert_through_alertmanager_and_it_resolves(stack, jfk):
+    webhook = stack.webhook
+    # The first traffic's two refusals may have fired it already: start from a quiet state.
+    wait_until(
+        lambda: not stack.prometheus.query('ALERTS{alertname="STTErrorRatioHigh"}'),
+        90,
+        0.5,
+        "no STTErrorRatioHigh alert pending or firing",
+    )
+    good = BackgroundStream(stack.engine.target, jfk, JFK_TEXT)
+    good.wait_started()
+    wait_until(lambda: stack.engine.active_streams() == 1, 10, what="the good stream to be admitted")
+    burst_at = time.time()
+    with stack.engine.client() as client:
+        for _ in range(10):  # beyond --max-streams 1: RESOURCE_EXHAUSTED, a server-side failure
+            with pytest.raises(grpc.RpcError) as refused:
+                client.recognize(jfk[:16000])
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    good.check()
+
+    def notified(status: str, since: float) -> list:
+        return [(at, alert) for at, alert in webhook.alerts("STTErrorRatioHigh", status) if at > since]
+
+    fired = wait_until(lambda: notified("firing", burst_at), 60, 0.2, "the alert to fire")
+    fired_at, alert = fired[0]
+    resolved = wait_until(lambda: notified("resolved", fired_at), 120, 0.2, "it to resolve")
+    resolved_at, _ = resolved[0]
+    print(
+        f"STTErrorRatioHigh: burst at {time.strftime('%H:%M:%S', time.gmtime(burst_at))}, "
+        f"fired {alert['startsAt']} (webhook +{fired_at - burst_at:.1f} s), "
+        f"resolved {resolved[0][1]['endsAt']} (webhook +{resolved_at - burst_at:.1f} s)"
+    )
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["runbook_url"] == "docs/runbook.md#stterrorratiohigh"
+    assert resolved_at > fired_at
+
+
+# --- losing the collector ---------------------------------------------------------------------------
+
+
+def engine_counter(stack: Stack, name: str) -> float:
+    """A counter's total as the engine itself serves it on --metrics-port."""
+    url = f"http://127.0.0.1:{stack.engine_metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if re.match(rf"{name}(\{{| )", line))
+
+
+def test_killing_the_collector_mid_stream_loses_telemetry_not_the_stream(stack, jfk):
+    with ThreadPoolExecutor(1) as pool:
+        streaming = pool.submit(stream_with_client_span, stack, jfk)
+        wait_until(lambda: stack.engine.active_streams() == 1, 10, what="the stream to be admitted")
+        time.sleep(2)  # into the stream: its chunk spans are being exported
+        stack.collector.stop(signal.SIGKILL)
+        killed_at = time.monotonic()
+        time.sleep(3)
+        stack.collector.start()
+        stack.wait_collector_healthy()
+        down = time.monotonic() - killed_at
+        traced = streaming.result(timeout=120)  # the right transcript, no error
+    assert stack.engine.client().health() == "SERVING"
+    # Metrics are cumulative sums: what was counted while the collector was down arrives with the
+    # next export. Prometheus ends with exactly the engine's own count.
+    chunks_counted = engine_counter(stack, "stt_chunks_total")
+    stack.prometheus.wait_for("sum(stt_chunks_total)", chunks_counted, timeout=60)
+    # Spans that ended after the restart all arrive: the server span, the client span, decodes.
+    wait_until(
+        lambda: Counter(s["operationName"] for s in stack.trace(traced["trace_id"]))["transcribe jfk.wav"],
+        30,
+        0.5,
+        "the stream's client span after the restart",
+    )
+    deadline = time.monotonic() + 10  # retried exports still landing
+    while True:
+        names = Counter(span["operationName"] for span in stack.trace(traced["trace_id"]))
+        if names["stt.chunk"] == traced["chunks"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert names[STREAMING] == 1 and names["stt.decode.final"] >= 1 and names["stt.utterance"] >= 1
+    lost = traced["chunks"] - names["stt.chunk"]
+    print(f"collector down {down:.1f} s: {lost} of {traced['chunks']} chunk spans lost; kept {dict(names)}")
+    # The engine's exporter retries a refused export (backoff up to its 10 s timeout), so an outage
+    # this short loses nothing on the engine side. What can be lost is what the killed collector
+    # held: its batch processor flushes every 2 s, i.e. at most 2 s of spans, 20 chunks of 100 ms.
+    assert lost <= 20
