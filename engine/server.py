@@ -137,7 +137,8 @@ class SttServer:
         return f"{host}:{self.port}"
 
     async def load(self) -> SpeechModel:
-        """Loads and warms the model off the event loop, then reports SERVING."""
+        """Loads and warms the model off the event loop, then reports SERVING (unless a drain
+        began meanwhile)."""
         started = time.perf_counter()
 
         def load_and_warm() -> SpeechModel:
@@ -147,6 +148,11 @@ class SttServer:
             return model
 
         model = await asyncio.to_thread(load_and_warm)
+        if self.service.draining:
+            # SIGTERM came while loading, which cannot be interrupted. No stream was admitted,
+            # so the drain had nothing to wait for: nothing may start serving, or claim to, now.
+            logger.info("model %s loaded after shutdown began; not serving", model.name)
+            return model
         self.model = model
         self.telemetry.model_loaded(model.name, time.perf_counter() - started)
         self._scheduler = InferenceScheduler(

@@ -9,6 +9,7 @@ import pytest
 
 from engine.audio import read_audio_file
 from tests.helpers import SAMPLE, Clip, ServerProcess, load_clips
+from tests.pki import Pki, make_pki
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +20,12 @@ def clips() -> list[Clip]:
 @pytest.fixture(scope="session")
 def jfk() -> np.ndarray:
     return read_audio_file(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    """A CA and certificates for the TLS servers of one test module (tests/pki.py)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import TypeVar
 
@@ -83,6 +84,27 @@ def stack_tool(name: str) -> str:
     if not binary.is_file():
         pytest.fail(f"{binary} is missing: `bash .ci/setup` builds it")
     return str(binary)
+
+
+class ProbeExit(IntEnum):
+    """grpc_health_probe's exit statuses (v0.4.62, main.go)."""
+
+    SERVING = 0
+    INVALID_ARGUMENTS = 1  # unreadable TLS files included
+    NO_CONNECTION = 2  # none within -connect-timeout: nothing listening, or a failed TLS handshake
+    RPC_FAILED = 3  # the Check RPC failed: NOT_FOUND for an unknown service
+    UNHEALTHY = 4  # any other status: NOT_SERVING
+    SPIFFE_FAILED = 20  # no credentials from the SPIFFE workload API
+
+
+def health_probe(*args: str, connect_timeout: str = "5s") -> subprocess.CompletedProcess:
+    """grpc_health_probe, the standard gRPC health-check CLI (exit status: ProbeExit)."""
+    return subprocess.run(
+        [stack_tool("grpc_health_probe"), f"-connect-timeout={connect_timeout}", "-rpc-timeout=5s", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def ffmpeg(*args: str, data: bytes | None = None) -> bytes:

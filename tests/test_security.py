@@ -9,9 +9,7 @@ Two servers, one per scenario, each started once for the module:
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import ipaddress
 import json
 import os
 import secrets
@@ -27,111 +25,28 @@ from pathlib import Path
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_status import rpc_status
 
 from engine.api import stt_pb2
 from engine.client import SpeechClient, StreamConfig, final_transcripts
 from engine.errors import error_reason
-from tests.helpers import JFK_TEXT, REPO, SAMPLE, ServerProcess, free_port, stack_tool, tool, wait_until, wer
+from tests.helpers import (
+    JFK_TEXT,
+    REPO,
+    SAMPLE,
+    ProbeExit,
+    ServerProcess,
+    free_port,
+    health_probe,
+    tool,
+    wait_until,
+    wer,
+)
 from tests.otlp_receiver import OtlpReceiver
+from tests.pki import Pki, issue_server
 
 TOKENS = {name: secrets.token_urlsafe(24) for name in ("alice", "bob", "carol")}
 INFO = "stt.v1.Speech/GetServerInfo"
-
-
-# --- a small PKI, made with the cryptography package -------------------------------------------------
-
-
-@dataclass
-class Issued:
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
-
-    def write(self, directory: Path, name: str) -> tuple[str, str]:
-        """Writes ``name.pem`` and ``name.key`` atomically (as kubelet swaps a Secret)."""
-        paths = []
-        for suffix, data in (
-            (".key", self.key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )),
-            (".pem", self.cert.public_bytes(serialization.Encoding.PEM)),
-        ):  # fmt: skip
-            path = directory / f"{name}{suffix}"
-            temporary = path.with_suffix(suffix + ".tmp")
-            temporary.write_bytes(data)
-            os.replace(temporary, path)
-            paths.append(str(path))
-        return paths[1], paths[0]
-
-
-def _certificate(
-    subject: str, key, issuer: Issued | None, ca: bool, sans: list[x509.GeneralName], usage=None
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer.cert.subject if issuer else name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    if usage:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-    if ca:
-        builder = builder.add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-        )
-    return builder.sign(issuer.key if issuer else key, hashes.SHA256())
-
-
-def make_ca(name: str) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    return Issued(key, _certificate(name, key, None, True, []))
-
-
-def issue_server(ca: Issued) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-    return Issued(key, _certificate("stt-engine", key, ca, False, sans, ExtendedKeyUsageOID.SERVER_AUTH))
-
-
-def issue_client(ca: Issued, name: str) -> Issued:
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans = [x509.DNSName(f"{name}.clients.example")]
-    return Issued(key, _certificate(name, key, ca, False, sans, ExtendedKeyUsageOID.CLIENT_AUTH))
-
-
-@dataclass
-class Pki:
-    directory: Path
-    ca: Issued
-    ca_file: str
-    server_cert: str
-    server_key: str
-    clients: dict[str, tuple[str, str]]  # name -> (cert, key); "stranger" is from another CA
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Pki:
-    directory = tmp_path_factory.mktemp("pki")
-    ca = make_ca("stt test CA")
-    ca_file = directory / "ca.pem"
-    ca_file.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
-    server_cert, server_key = issue_server(ca).write(directory, "server")
-    clients = {name: issue_client(ca, name).write(directory, name) for name in ("alice", "mallory")}
-    clients["stranger"] = issue_client(make_ca("another CA"), "alice").write(directory, "stranger")
-    return Pki(directory, ca, str(ca_file), server_cert, server_key, clients)
 
 
 # --- servers ----------------------------------------------------------------------------------------
@@ -234,15 +149,6 @@ def grpcurl(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([tool("grpcurl"), *args], capture_output=True, text=True, timeout=30)
 
 
-def health_probe(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [stack_tool("grpc_health_probe"), "-connect-timeout=5s", "-rpc-timeout=5s", *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
 # --- TLS and bearer tokens -----------------------------------------------------------------------------
 
 
@@ -317,8 +223,10 @@ def test_grpc_health_probe_over_tls_and_on_the_plaintext_health_port(tls_server)
     assert tls.returncode == 0 and "status: SERVING" in tls.stderr, tls.stderr
     plain = health_probe(f"-addr={tls_server.health_target}", "-service=stt.v1.Speech")
     assert plain.returncode == 0 and "status: SERVING" in plain.stderr, plain.stderr
-    # Without TLS the main port does not answer the probe (exit 2: connection failed or 3: RPC failed).
-    assert health_probe(f"-addr={tls_server.target}").returncode in (2, 3)
+    # Without TLS the main port never completes a connection: exit 2, as with no server.
+    assert (
+        health_probe(f"-addr={tls_server.target}", connect_timeout="1s").returncode == ProbeExit.NO_CONNECTION
+    )
     # The health port serves health and nothing else, in plaintext.
     with SpeechClient(tls_server.health_target, token=TOKENS["alice"]) as client:
         assert client.health() == "SERVING"
@@ -517,4 +425,7 @@ def test_grpcurl_and_grpc_health_probe_with_client_certificates(mtls_server):
         f"-tls-client-key={key}",
     )
     assert probe.returncode == 0 and "status: SERVING" in probe.stderr, probe.stderr
-    assert health_probe(f"-addr={target}", "-tls", f"-tls-ca-cert={pki.ca_file}").returncode == 2
+    no_certificate = health_probe(
+        f"-addr={target}", "-tls", f"-tls-ca-cert={pki.ca_file}", connect_timeout="1s"
+    )
+    assert no_certificate.returncode == ProbeExit.NO_CONNECTION  # the handshake fails
