@@ -733,3 +733,9 @@ def test_loki_takes_otlp_logs_with_trace_ids_as_structured_metadata():
     compose = load_yaml(COMPOSE)["services"]["loki"]
     assert "-config.file=/etc/loki/loki.yaml" in compose["command"]
     assert "./deploy/loki/loki.yaml:/etc/loki/loki.yaml:ro" in compose["volumes"]
+    # The deployment environment the collector stamps on every record is one of Loki's default
+    # index labels from 3.4 on, so loki.yaml does not declare it.
+    stamped = load_yaml(COLLECTOR_CONFIG)["processors"]["resource"]["attributes"]
+    assert "deployment.environment.name" in {attribute["key"] for attribute in stamped}
+    release = re.fullmatch(r"grafana/loki:(\d+)\.(\d+)\.\d+", compose["image"]).groups()
+    assert tuple(map(int, release)) >= (3, 4), compose["image"]
