@@ -2,6 +2,7 @@
 
 - Prometheus config and alert rules: ``promtool check config``, ``promtool check rules`` and the
   rule unit tests (``promtool test rules``), each alert firing and not firing.
+- Alertmanager config: ``amtool check-config``, its commented receivers included.
 - A real Prometheus scrapes a real engine (``--metrics-port``) while real streams run, with the
   alert rules loaded, and evaluates every PromQL expression of the dashboard and the rules.
 - Kubernetes manifests against the Kubernetes schemas (``kubernetes-validate`` bundles them).
@@ -57,6 +58,7 @@ COMPOSE = REPO / "docker-compose.yml"
 COLLECTOR_CONFIG = REPO / "collector-config.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 RUNBOOK = REPO / "docs" / "runbook.md"
+ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
 COLLECTOR_VERSION = "0.136.0"  # otel/opentelemetry-collector-contrib image pinned in docker-compose.yml
 
 
@@ -196,6 +198,52 @@ def test_every_alert_has_severity_and_a_runbook_section():
     severities = {rule["alert"]: rule["labels"]["severity"] for rule in rules}
     assert severities["STTErrorRatioHigh"] == "critical"
     assert severities["STTFinalLatencyHigh"] == "warning"
+
+
+# --- Alertmanager ---------------------------------------------------------------------------------
+
+
+def amtool_check_config(path: Path) -> subprocess.CompletedProcess:
+    return run(tool("amtool"), "check-config", str(path))
+
+
+def test_alertmanager_config_passes_amtool_with_its_example_receivers(tmp_path: Path):
+    result = amtool_check_config(ALERTMANAGER_CONFIG)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+    # The commented Slack and PagerDuty receivers are valid once uncommented.
+    examples = re.sub(r"^  # (?=[- ])", "  ", ALERTMANAGER_CONFIG.read_text(), flags=re.M)
+    assert {receiver["name"] for receiver in yaml.safe_load(examples)["receivers"]} == {
+        "webhook",
+        "slack",
+        "pagerduty",
+    }
+    uncommented = tmp_path / "examples.yml"
+    uncommented.write_text(examples)
+    result = amtool_check_config(uncommented)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # amtool does reject a route to a receiver that is not defined.
+    broken = load_yaml(ALERTMANAGER_CONFIG)
+    broken["route"]["routes"][0]["receiver"] = "nobody"
+    broken_path = tmp_path / "broken.yml"
+    broken_path.write_text(yaml.safe_dump(broken))
+    assert amtool_check_config(broken_path).returncode != 0
+
+
+def test_alertmanager_matchers_name_real_alerts_severities_and_jobs():
+    config = load_yaml(ALERTMANAGER_CONFIG)
+    known = {
+        "alertname": {rule["alert"] for rule in alert_rules()},
+        "severity": {rule["labels"]["severity"] for rule in alert_rules()},
+        "job": {job["job_name"] for job in load_yaml(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"]},
+    }
+    matchers = [matcher for route in config["route"]["routes"] for matcher in route["matchers"]]
+    for rule in config["inhibit_rules"]:
+        matchers += rule["source_matchers"] + rule["target_matchers"]
+    assert matchers
+    for matcher in matchers:
+        label, value = re.fullmatch(r'(\w+)="([^"]*)"', matcher).groups()
+        assert value in known[label], matcher
 
 
 # --- a real Prometheus against a real engine --------------------------------------------------------
@@ -508,7 +556,15 @@ def test_compose_file_validates_against_the_compose_spec(tmp_path: Path):
 def test_compose_stack_is_pinned_and_wired():
     compose = load_yaml(COMPOSE)
     services = compose["services"]
-    assert set(services) == {"engine", "otel-collector", "jaeger", "prometheus", "loki", "grafana"}
+    assert set(services) == {
+        "engine",
+        "otel-collector",
+        "jaeger",
+        "prometheus",
+        "alertmanager",
+        "loki",
+        "grafana",
+    }
     for name, service in services.items():
         if name == "engine":
             assert service["build"]["dockerfile"] == "Dockerfile"
@@ -532,6 +588,29 @@ def test_compose_stack_is_pinned_and_wired():
                 assert (REPO / source).exists(), volume
     mounted = {v.split(":")[1] for v in services["grafana"]["volumes"]}
     assert load_yaml(DASHBOARD_PROVIDERS)["providers"][0]["options"]["path"] in mounted
+
+
+def test_compose_prometheus_sends_alerts_to_the_alertmanager_amtool_checks():
+    services = load_yaml(COMPOSE)["services"]
+    alertmanager = services["alertmanager"]
+    image, _, tag = alertmanager["image"].rpartition(":")
+    # The release whose config language amtool (Debian's prometheus-alertmanager) checks.
+    checker = run(tool("amtool"), "--version")
+    minor = re.search(r"version (\d+\.\d+)\.", checker.stdout + checker.stderr).group(1)
+    assert image == "prom/alertmanager" and tag.startswith(f"v{minor}."), alertmanager["image"]
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+    assert (
+        "./deploy/alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro"
+        in alertmanager["volumes"]
+    )
+    assert "alertmanager" in services["prometheus"]["depends_on"]
+    # Prometheus's alerting section points at that service on Alertmanager's default port.
+    alerting = load_yaml(PROMETHEUS_DIR / "prometheus.yml")["alerting"]["alertmanagers"]
+    targets = [
+        target for manager in alerting for static in manager["static_configs"] for target in static["targets"]
+    ]
+    assert targets == ["alertmanager:9093"]
+    assert not any(arg.startswith("--web.listen-address") for arg in alertmanager["command"])
 
 
 def test_dockerfile_lints_clean_and_builds_a_non_root_serving_image():
