@@ -2,9 +2,12 @@
 
 - Prometheus config and alert rules: ``promtool check config``, ``promtool check rules`` and the
   rule unit tests (``promtool test rules``), each alert firing and not firing.
+- Alertmanager config: ``amtool check-config``, its commented receivers included.
 - A real Prometheus scrapes a real engine (``--metrics-port``) while real streams run, with the
-  alert rules loaded, and evaluates every PromQL expression of the dashboard and the rules.
-- Kubernetes manifests against the Kubernetes schemas (``kubernetes-validate`` bundles them).
+  alert rules loaded, and evaluates every PromQL expression of the dashboard and the rules, and
+  the prometheus-adapter query the HPA scales on.
+- Kubernetes manifests against the Kubernetes schemas (``kubernetes-validate`` bundles them); the
+  HPA's targets against STT_MAX_STREAMS and the measured CPU cost (BENCHMARKS.md).
 - docker-compose.yml against the compose-spec schema (vendored by ``check-jsonschema``).
 - Dockerfile with ``hadolint``; its HEALTHCHECK command run against a live engine.
 - Grafana provisioning: the trace/metrics/logs correlations, and metric names that exist.
@@ -57,6 +60,9 @@ COMPOSE = REPO / "docker-compose.yml"
 COLLECTOR_CONFIG = REPO / "collector-config.yaml"
 DOCKERFILE = REPO / "Dockerfile"
 RUNBOOK = REPO / "docs" / "runbook.md"
+ALERTMANAGER_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
+ADAPTER_VALUES = DEPLOY / "prometheus-adapter" / "values.yaml"
+BENCHMARKS = REPO / "BENCHMARKS.md"
 COLLECTOR_VERSION = "0.165.0"  # otel/opentelemetry-collector-contrib image pinned in docker-compose.yml
 
 
@@ -198,6 +204,52 @@ def test_every_alert_has_severity_and_a_runbook_section():
     assert severities["STTFinalLatencyHigh"] == "warning"
 
 
+# --- Alertmanager ---------------------------------------------------------------------------------
+
+
+def amtool_check_config(path: Path) -> subprocess.CompletedProcess:
+    return run(tool("amtool"), "check-config", str(path))
+
+
+def test_alertmanager_config_passes_amtool_with_its_example_receivers(tmp_path: Path):
+    result = amtool_check_config(ALERTMANAGER_CONFIG)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+    # The commented Slack and PagerDuty receivers are valid once uncommented.
+    examples = re.sub(r"^  # (?=[- ])", "  ", ALERTMANAGER_CONFIG.read_text(), flags=re.M)
+    assert {receiver["name"] for receiver in yaml.safe_load(examples)["receivers"]} == {
+        "webhook",
+        "slack",
+        "pagerduty",
+    }
+    uncommented = tmp_path / "examples.yml"
+    uncommented.write_text(examples)
+    result = amtool_check_config(uncommented)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # amtool does reject a route to a receiver that is not defined.
+    broken = load_yaml(ALERTMANAGER_CONFIG)
+    broken["route"]["routes"][0]["receiver"] = "nobody"
+    broken_path = tmp_path / "broken.yml"
+    broken_path.write_text(yaml.safe_dump(broken))
+    assert amtool_check_config(broken_path).returncode != 0
+
+
+def test_alertmanager_matchers_name_real_alerts_severities_and_jobs():
+    config = load_yaml(ALERTMANAGER_CONFIG)
+    known = {
+        "alertname": {rule["alert"] for rule in alert_rules()},
+        "severity": {rule["labels"]["severity"] for rule in alert_rules()},
+        "job": {job["job_name"] for job in load_yaml(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"]},
+    }
+    matchers = [matcher for route in config["route"]["routes"] for matcher in route["matchers"]]
+    for rule in config["inhibit_rules"]:
+        matchers += rule["source_matchers"] + rule["target_matchers"]
+    assert matchers
+    for matcher in matchers:
+        label, value = re.fullmatch(r'(\w+)="([^"]*)"', matcher).groups()
+        assert value in known[label], matcher
+
+
 # --- a real Prometheus against a real engine --------------------------------------------------------
 
 
@@ -230,15 +282,22 @@ def rules_evaluated_since(prometheus: PrometheusProcess, moment: datetime.dateti
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    """Engine (--metrics-port, --max-streams 1) scraped every second by Prometheus with the alert
-    rules loaded, after a short fast stream, a real-time stream and two refused streams."""
+    """Engine (--metrics-port, --max-streams 1, the Deployment's resource attributes) scraped every
+    second by Prometheus with the alert rules loaded, after a short fast stream, a real-time stream
+    and two refused streams."""
     metrics_port = free_port()
     server = ServerProcess(
         "--metrics-port",
         str(metrics_port),
         "--max-streams",
         "1",
-        env={"OTEL_TRACES_EXPORTER": "none", "OTEL_METRICS_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none"},
+        env={
+            "OTEL_TRACES_EXPORTER": "none",
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_LOGS_EXPORTER": "none",
+            # The pod's identity as deploy/k8s/deployment.yaml gives it (the HPA's metric needs it).
+            "OTEL_RESOURCE_ATTRIBUTES": deployment_env()["OTEL_RESOURCE_ATTRIBUTES"],
+        },
     )
     prometheus = PrometheusProcess(
         {
@@ -457,9 +516,126 @@ def test_deployment_probes_drain_and_telemetry():
     assert pod["securityContext"]["runAsNonRoot"] is True
     service = docs["Service"]["spec"]
     assert service["clusterIP"] == "None" and service["ports"][0]["port"] == 50051
-    hpa = docs["HorizontalPodAutoscaler"]["spec"]
-    assert hpa["metrics"][0]["resource"]["name"] == "cpu"
     assert docs["PodDisruptionBudget"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]
+
+
+# The downward-API fields of a pod of the Deployment, for tests that run the engine as that pod.
+POD_FIELDS = {
+    "metadata.name": "stt-engine-5f7d9c8b6d-x2x4q",
+    "metadata.namespace": "speech",
+    "spec.nodeName": "node-1",
+}
+
+
+def deployment_env() -> dict[str, str]:
+    """The engine container's environment as kubelet builds it for a pod with ``POD_FIELDS``:
+    downward-API fields filled in, `$(VAR)` references to earlier variables expanded."""
+    (container,) = k8s_documents()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    env: dict[str, str] = {}
+    for item in container["env"]:
+        if "valueFrom" in item:
+            env[item["name"]] = POD_FIELDS[item["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda match: env[match.group(1)], item["value"])
+    return env
+
+
+def hpa_metric(kind: str) -> dict:
+    (metric,) = [
+        metric[kind[0].lower() + kind[1:]]
+        for metric in k8s_documents()["HorizontalPodAutoscaler"]["spec"]["metrics"]
+        if metric["type"] == kind
+    ]
+    return metric
+
+
+def adapter_rule(metric: str) -> dict:
+    """The prometheus-adapter rule that serves ``metric``."""
+    values = load_yaml(ADAPTER_VALUES)
+    assert values["rules"]["default"] is False
+    (rule,) = [rule for rule in values["rules"]["custom"] if rule["name"]["as"] == metric]
+    return rule
+
+
+def adapter_labels(rule: dict) -> dict[str, str]:
+    """Resource -> the Prometheus label the rule maps to it."""
+    return {override["resource"]: label for label, override in rule["resources"]["overrides"].items()}
+
+
+def adapter_query(rule: dict, namespace: str, pods: list[str]) -> str:
+    """The rule's metricsQuery as prometheus-adapter renders it for a pods metric: the series its
+    name rule matched, matchers on the labels mapped to the namespace and the pods, grouped by pod."""
+    labels = adapter_labels(rule)
+    series = re.fullmatch(r"\^(\w+)\$", rule["name"]["matches"]).group(1)
+    matchers = f'{labels["namespace"]}="{namespace}",{labels["pod"]}=~"{"|".join(pods)}"'
+    query = rule["metricsQuery"].replace("<<.Series>>", series)
+    query = query.replace("<<.LabelMatchers>>", matchers).replace("<<.GroupBy>>", labels["pod"])
+    assert "<<" not in query, query
+    return query
+
+
+def benchmark_cpu_per_audio_second(streams: int) -> float:
+    """CPU-s per audio-s at ``streams`` independent real-time streams: BENCHMARKS.md's first table."""
+    lines = BENCHMARKS.read_text().splitlines()
+    start = next(
+        i for i, line in enumerate(lines) if line.startswith("| streams |") and "CPU-s per audio-s" in line
+    )
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if cells[0] == str(streams):
+            return float(cells[header.index("CPU-s per audio-s")])
+    raise AssertionError(f"no row for {streams} streams in BENCHMARKS.md")
+
+
+def test_hpa_scales_on_streams_per_pod_with_cpu_as_safety_and_slow_scale_down():
+    env = deployment_env()
+    max_streams = int(env["STT_MAX_STREAMS"])
+    # Open streams per pod, the adapter's metric, at 75% of what a pod admits.
+    streams = hpa_metric("Pods")
+    adapter_rule(streams["metric"]["name"])  # which prometheus-adapter serves
+    assert streams["target"] == {"type": "AverageValue", "averageValue": str(int(0.75 * max_streams))}
+    # CPU at the utilisation of a full pod (STT_MAX_STREAMS real-time streams at the measured
+    # cost), so it adds pods only for work the stream count does not show.
+    pod = k8s_documents()["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    cores = float(container["resources"]["requests"]["cpu"])
+    full_pod = 100 * max_streams * benchmark_cpu_per_audio_second(max_streams) / cores
+    cpu = hpa_metric("Resource")
+    assert cpu["name"] == "cpu" and cpu["target"]["type"] == "Utilization"
+    assert cpu["target"]["averageUtilization"] == pytest.approx(full_pod, abs=5)
+    # Streams are long-lived: scale down after a long quiet spell, one pod at a time, each pod
+    # gone (drained) before the next is chosen.
+    behavior = k8s_documents()["HorizontalPodAutoscaler"]["spec"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    for policy in behavior["scaleDown"]["policies"]:
+        assert policy["type"] == "Pods" and policy["value"] == 1
+        assert policy["periodSeconds"] > pod["terminationGracePeriodSeconds"]
+
+
+def test_adapter_rule_finds_each_pod_and_its_open_streams_in_real_prometheus(live):
+    rule = adapter_rule(hpa_metric("Pods")["metric"]["name"])
+    namespace, pod = POD_FIELDS["metadata.namespace"], POD_FIELDS["metadata.name"]
+    # Discovery: the seriesQuery finds the engine, labelled with its namespace and pod.
+    labels = adapter_labels(rule)
+    assert set(labels) == {"namespace", "pod"}
+    found = live.api("/api/v1/series?" + urllib.parse.urlencode({"match[]": rule["seriesQuery"]}))["data"]
+    assert [(series[labels["namespace"]], series[labels["pod"]]) for series in found] == [(namespace, pod)]
+    # Every metric the rule reads is one the engine exports.
+    query = adapter_query(rule, namespace, [pod, "stt-engine-5f7d9c8b6d-gone1"])
+    used = metric_names(rule["seriesQuery"]) | metric_names(query)
+    assert "stt_streams_active" in used
+    assert used <= exported_names(live.metrics_text)
+    # The value per pod: no stream open now, and the real-time stream while it ran (refused
+    # streams count for the moment of their refusal, hence at least 1).
+    assert [(s["metric"], s["value"][1]) for s in live.query(query)] == [({labels["pod"]: pod}, "0")]
+    (peak,) = live.query(f"max_over_time(({query})[10m:1s])")
+    assert float(peak["value"][1]) >= 1
+    # An engine without an stt_streams_active series yet counts 0 streams, not missing.
+    never = query.replace("stt_streams_active", "stt_streams_active_never_exported")
+    assert [(s["metric"], s["value"][1]) for s in live.query(never)] == [({labels["pod"]: pod}, "0")]
 
 
 def test_tls_overlay_renders_tls_tokens_and_unchanged_probes():
@@ -508,7 +684,15 @@ def test_compose_file_validates_against_the_compose_spec(tmp_path: Path):
 def test_compose_stack_is_pinned_and_wired():
     compose = load_yaml(COMPOSE)
     services = compose["services"]
-    assert set(services) == {"engine", "otel-collector", "jaeger", "prometheus", "loki", "grafana"}
+    assert set(services) == {
+        "engine",
+        "otel-collector",
+        "jaeger",
+        "prometheus",
+        "alertmanager",
+        "loki",
+        "grafana",
+    }
     for name, service in services.items():
         if name == "engine":
             assert service["build"]["dockerfile"] == "Dockerfile"
@@ -532,6 +716,29 @@ def test_compose_stack_is_pinned_and_wired():
                 assert (REPO / source).exists(), volume
     mounted = {v.split(":")[1] for v in services["grafana"]["volumes"]}
     assert load_yaml(DASHBOARD_PROVIDERS)["providers"][0]["options"]["path"] in mounted
+
+
+def test_compose_prometheus_sends_alerts_to_the_alertmanager_amtool_checks():
+    services = load_yaml(COMPOSE)["services"]
+    alertmanager = services["alertmanager"]
+    image, _, tag = alertmanager["image"].rpartition(":")
+    # The release whose config language amtool (Debian's prometheus-alertmanager) checks.
+    checker = run(tool("amtool"), "--version")
+    minor = re.search(r"version (\d+\.\d+)\.", checker.stdout + checker.stderr).group(1)
+    assert image == "prom/alertmanager" and tag.startswith(f"v{minor}."), alertmanager["image"]
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+    assert (
+        "./deploy/alertmanager/alertmanager.yml:/etc/alertmanager/alertmanager.yml:ro"
+        in alertmanager["volumes"]
+    )
+    assert "alertmanager" in services["prometheus"]["depends_on"]
+    # Prometheus's alerting section points at that service on Alertmanager's default port.
+    alerting = load_yaml(PROMETHEUS_DIR / "prometheus.yml")["alerting"]["alertmanagers"]
+    targets = [
+        target for manager in alerting for static in manager["static_configs"] for target in static["targets"]
+    ]
+    assert targets == ["alertmanager:9093"]
+    assert not any(arg.startswith("--web.listen-address") for arg in alertmanager["command"])
 
 
 def test_dockerfile_lints_clean_and_builds_a_non_root_serving_image():
@@ -741,3 +948,9 @@ def test_loki_takes_otlp_logs_with_trace_ids_as_structured_metadata():
     compose = load_yaml(COMPOSE)["services"]["loki"]
     assert "-config.file=/etc/loki/loki.yaml" in compose["command"]
     assert "./deploy/loki/loki.yaml:/etc/loki/loki.yaml:ro" in compose["volumes"]
+    # The deployment environment the collector stamps on every record is one of Loki's default
+    # index labels from 3.4 on, so loki.yaml does not declare it.
+    stamped = load_yaml(COLLECTOR_CONFIG)["processors"]["resource"]["attributes"]
+    assert "deployment.environment.name" in {attribute["key"] for attribute in stamped}
+    release = re.fullmatch(r"grafana/loki:(\d+)\.(\d+)\.\d+", compose["image"]).groups()
+    assert tuple(map(int, release)) >= (3, 4), compose["image"]
