@@ -53,6 +53,7 @@ from tests.helpers import (
 )
 from tests.otlp_receiver import OtlpHttpReceiver
 from tests.test_deploy import (
+    ALERTMANAGER_CONFIG,
     ALERTS,
     COLLECTOR_CONFIG,
     COLLECTOR_VERSION,
@@ -161,6 +162,20 @@ def shortened_rules(directory: Path) -> Path:
     return path
 
 
+def shortened_alertmanager_config(url: str) -> dict:
+    """The shipped Alertmanager routing with 1 s grouping and every webhook sent to ``url``."""
+    config = load_yaml(ALERTMANAGER_CONFIG)
+    routes = [config["route"]]
+    while routes:
+        route = routes.pop()
+        route.update({key: "1s" for key in ("group_wait", "group_interval") if key in route})
+        routes.extend(route.get("routes", []))
+    for receiver in config["receivers"]:
+        for webhook in receiver.get("webhook_configs", []):
+            webhook["url"] = url
+    return config
+
+
 def jaeger_config(directory: Path, otlp_port: int, query_port: int, health_port: int) -> Path:
     config = {
         "service": {
@@ -172,7 +187,8 @@ def jaeger_config(directory: Path, otlp_port: int, query_port: int, health_port:
                     "exporters": ["jaeger_storage_exporter"],
                 }
             },
-            "telemetry": {"metrics": {"level": "none"}},
+            # No self-telemetry: its traces would go to localhost:4317, whoever listens there.
+            "telemetry": {"metrics": {"level": "none"}, "traces": {"level": "none"}},
         },
         "extensions": {
             "jaeger_storage": {"backends": {"memory": {"memory": {"max_traces": 10000}}}},
@@ -269,22 +285,7 @@ def stack(tmp_path_factory, jfk) -> Stack:
 
         alertmanager_port = free_port()
         alertmanager_config = directory / "alertmanager.yml"
-        alertmanager_config.write_text(
-            yaml.safe_dump(
-                {
-                    "route": {
-                        "receiver": "test",
-                        "group_by": ["alertname"],
-                        "group_wait": "1s",
-                        "group_interval": "1s",
-                        "repeat_interval": "1h",
-                    },
-                    "receivers": [
-                        {"name": "test", "webhook_configs": [{"url": webhook.url, "send_resolved": True}]}
-                    ],
-                }
-            )
-        )
+        alertmanager_config.write_text(yaml.safe_dump(shortened_alertmanager_config(webhook.url)))
         alertmanager = Daemon(
             "alertmanager",
             [
@@ -719,6 +720,8 @@ def test_killing_the_collector_mid_stream_loses_telemetry_not_the_stream(stack, 
     lost = traced["chunks"] - names["stt.chunk"]
     print(f"collector down {down:.1f} s: {lost} of {traced['chunks']} chunk spans lost; kept {dict(names)}")
     # The engine's exporter retries a refused export (backoff up to its 10 s timeout), so an outage
-    # this short loses nothing on the engine side. What can be lost is what the killed collector
-    # held: its batch processor flushes every 2 s, i.e. at most 2 s of spans, 20 chunks of 100 ms.
-    assert lost <= 20
+    # this short loses nothing on the engine side. What is lost is what the killed collector had
+    # accepted and not yet sent: its batch processor holds up to 2 s of spans (timeout: 2s), fed
+    # every 0.2 s by the SDK (OTEL_BSP_SCHEDULE_DELAY), i.e. at most 22 chunks of 100 ms, and a
+    # chunk span ends a little after its audio arrives.
+    assert lost <= 25
