@@ -19,7 +19,7 @@ from otel import Telemetry, TelemetryOptions, configure_logging
 from . import __version__
 from .api import stt_pb2
 from .audio import read_audio_file
-from .client import SpeechClient, StreamConfig, read_token
+from .client import SpeechClient, StreamConfig, parse_target, read_token
 from .options import ModelOptions, ServerOptions, env_default, env_flag
 from .security import SecurityOptions
 
@@ -54,6 +54,7 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
         default_streaming=streaming,
         decode=decode,
         memory_release_seconds=args.memory_release_seconds,
+        max_connection_age_seconds=args.max_connection_age_seconds,
     )
     model = ModelOptions(
         model=args.model,
@@ -90,6 +91,14 @@ def _address(text: str) -> str:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT (port 0-65535)")
+    return text
+
+
+def _target(text: str) -> str:
+    try:
+        parse_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 
@@ -165,6 +174,13 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="undecoded audio of ended utterances per stream before the server stops reading it",
     )
     parser.add_argument("--drain-seconds", type=_number(float, 0, 3600), default=e("drain_seconds", "30"))
+    parser.add_argument(
+        "--max-connection-age-seconds",
+        type=_number(float, 0),
+        default=e("max_connection_age_seconds", "0"),
+        help="close client connections this old gracefully (GOAWAY; open streams finish), so "
+        "clients balancing over DNS find new servers (0: never)",
+    )
     parser.add_argument(
         "--memory-release-seconds",
         type=_number(float, 0),
@@ -296,7 +312,14 @@ def _security_options(args: argparse.Namespace) -> SecurityOptions:
 
 def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     e = env_default
-    parser.add_argument("--server", default=e("server", "localhost:50051"))
+    parser.add_argument(
+        "--server",
+        type=_target,
+        default=e("server", "localhost:50051"),
+        help="HOST:PORT; or several servers, each stream going to the next one that reports "
+        "SERVING (round_robin): IP:PORT,IP:PORT,... or dns:///NAME:PORT for every address NAME "
+        "resolves to, such as a headless Kubernetes Service (env STT_SERVER)",
+    )
     parser.add_argument(
         "--tls",
         action="store_true",

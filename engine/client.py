@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .api import stt_pb2, stt_pb2_grpc
+from .api import SERVICE_NAME, stt_pb2, stt_pb2_grpc
 from .audio import float_to_linear16
 from .options import TARGET_SAMPLE_RATE
 
@@ -93,8 +95,64 @@ def read_token(token: str | None = None, token_file: str | None = None) -> str |
     return None
 
 
+# For a target of several servers: a connection to each and every call (a stream) to the next
+# ready one, since a stream lives on one connection for its whole life. gRPC health checking of
+# stt.v1.Speech on each connection takes a loading or draining server (NOT_SERVING) out of the
+# rotation at once, rather than when it finally closes its port.
+BALANCED_SERVICE_CONFIG = json.dumps(
+    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": SERVICE_NAME}}
+)
+
+
+@dataclass(frozen=True)
+class Target:
+    """A server address as gRPC takes it."""
+
+    uri: str
+    balanced: bool  # may name several servers: balanced per call, health-checked
+    authority: str | None = None  # an address list's first address (the name TLS verifies)
+
+
+def parse_target(target: str) -> Target:
+    """``HOST:PORT`` is one server, as plain gRPC connects to it. ``dns:///NAME:PORT`` is every
+    address NAME resolves to (re-resolved when a connection closes), and ``IP:PORT,IP:PORT,...``
+    (or gRPC's own ``ipv4:``/``ipv6:`` form of it) a fixed list: both are balanced."""
+    if target.startswith("dns:"):
+        return Target(target, balanced=True)
+    scheme, colon, listed = target.partition(":")
+    if not (colon and scheme in ("ipv4", "ipv6")):
+        if "," not in target:
+            return Target(target, balanced=False)
+        scheme, listed = "", target
+    addresses = [address.strip() for address in listed.split(",")]
+    families = {_ip_family(address, target) for address in addresses}
+    if len(families) > 1 or scheme not in ("", *families):
+        raise ValueError(f"{target!r}: a list takes addresses of one family, all IPv4 or all IPv6")
+    return Target(f"{families.pop()}:{','.join(addresses)}", balanced=True, authority=addresses[0])
+
+
+def _ip_family(address: str, target: str) -> str:
+    """``ipv4`` or ``ipv6``, the gRPC scheme of one ``IP:PORT`` or ``[IPv6]:PORT``."""
+    host, _, port = address.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    try:
+        ip = ipaddress.ip_address(host[1:-1] if bracketed else host)
+    except ValueError:
+        ip = None
+    if ip is None or not port.isdigit() or (ip.version == 6) != bracketed:
+        raise ValueError(
+            f"{address!r} in {target!r} is not IP:PORT or [IPv6]:PORT: a list of servers takes "
+            "addresses; for a name use dns:///NAME:PORT, balanced over all its addresses"
+        )
+    return f"ipv{ip.version}"
+
+
 class SpeechClient:
     """Blocking client for the Speech and health services.
+
+    ``target`` is ``HOST:PORT``, or several servers (see ``parse_target``): then each call,
+    each stream, goes to the next server reporting SERVING, and ``health()`` answers from one
+    of them (UNAVAILABLE when none is SERVING).
 
     Plaintext by default. ``tls`` (implied by any of the files) opens a TLS channel that
     trusts ``ca_file`` (default: the system roots); ``cert_file`` and ``key_file`` are the
@@ -114,6 +172,13 @@ class SpeechClient:
         token: str | None = None,
     ) -> None:
         self.target = target
+        parsed = parse_target(target)
+        options: list[tuple[str, str]] = []
+        if parsed.balanced:
+            options.append(("grpc.service_config", BALANCED_SERVICE_CONFIG))
+        if parsed.authority:
+            # gRPC's default authority for a list is the whole list, which no certificate names.
+            options.append(("grpc.default_authority", parsed.authority))
         if tls or ca_file or cert_file or key_file:
             if bool(cert_file) != bool(key_file):
                 raise ValueError("a client certificate needs both its certificate and key files")
@@ -122,10 +187,11 @@ class SpeechClient:
                 private_key=Path(key_file).read_bytes() if key_file else None,
                 certificate_chain=Path(cert_file).read_bytes() if cert_file else None,
             )
-            options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
-            self.channel = grpc.secure_channel(target, credentials, options=options)
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self.channel = grpc.secure_channel(parsed.uri, credentials, options=options)
         else:
-            self.channel = grpc.insecure_channel(target)
+            self.channel = grpc.insecure_channel(parsed.uri, options=options)
         # Plain metadata rather than call credentials: gRPC sends those only over TLS, and a
         # token over plaintext is legitimate behind a TLS-terminating proxy or mesh.
         self._auth = [("authorization", f"Bearer {token}")] if token else []

@@ -194,6 +194,10 @@ class ServerOptions:
         decode: decoder settings.
         memory_release_seconds: how often freed heap memory is returned to the OS
             (glibc ``malloc_trim``); without it RSS creeps up across many streams. 0 disables.
+        max_connection_age_seconds: a client connection older than this gets an HTTP/2
+            GOAWAY: its open streams run to their end, new calls open a new connection. A
+            client balancing over DNS (``dns:///``) re-resolves then and finds servers added
+            since (gRPC resolves again only when a connection closes). 0: connections live on.
     """
 
     address: str = "0.0.0.0:50051"
@@ -209,6 +213,7 @@ class ServerOptions:
     default_streaming: StreamingOptions = field(default_factory=StreamingOptions)
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     memory_release_seconds: float = 10.0
+    max_connection_age_seconds: float = 0.0
 
 
 def env_default(name: str, default: str) -> str:

@@ -68,14 +68,18 @@ class SttServer:
     async def start(self) -> int:
         """Opens the port (health NOT_SERVING) and returns the bound port."""
         largest = max(self.options.max_chunk_bytes, self.options.max_recognize_bytes)
-        self._server = grpc.aio.server(
-            options=[
-                # Above our own limits, so clients get our precise OUT_OF_RANGE errors.
-                ("grpc.max_receive_message_length", largest + MESSAGE_OVERHEAD),
-                ("grpc.max_send_message_length", 16 << 20),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        options = [
+            # Above our own limits, so clients get our precise OUT_OF_RANGE errors.
+            ("grpc.max_receive_message_length", largest + MESSAGE_OVERHEAD),
+            ("grpc.max_send_message_length", 16 << 20),
+            ("grpc.so_reuseport", 0),
+        ]
+        max_age = self.options.max_connection_age_seconds
+        if max_age > 0:
+            # gRPC's default grace after the GOAWAY is unlimited: open streams are never cut
+            # (max_stream_seconds bounds them).
+            options.append(("grpc.max_connection_age_ms", int(max_age * 1000)))
+        self._server = grpc.aio.server(options=options)
         stt_pb2_grpc.add_SpeechServicer_to_server(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

@@ -11,7 +11,7 @@ import grpc
 from otel import CallTelemetry, Telemetry
 
 from . import __version__
-from .api import stt_pb2, stt_pb2_grpc
+from .api import SERVICE_NAME, stt_pb2, stt_pb2_grpc
 from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SUPPORTED_ENCODINGS
 from .errors import SttError, invalid_argument, out_of_range
 from .memory import LARGE_REQUEST_BYTES, release_soon
@@ -24,7 +24,6 @@ from .settings import recognition_settings
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = stt_pb2.DESCRIPTOR.services_by_name["Speech"].full_name
 STREAMING_METHOD = f"{SERVICE_NAME}/StreamingRecognize"
 RECOGNIZE_METHOD = f"{SERVICE_NAME}/Recognize"
 INFO_METHOD = f"{SERVICE_NAME}/GetServerInfo"

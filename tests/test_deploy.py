@@ -447,13 +447,18 @@ def test_the_image_healthcheck_command_probes_grpc_health(live):
 K8S_VERSIONS = ("1.30.0", "1.37.0")  # oldest and newest Kubernetes we claim
 
 
+def manifest_key(doc: dict) -> str:
+    return f"{doc['kind']}/{doc['metadata']['name']}"
+
+
 def k8s_documents() -> dict[str, dict]:
+    """The manifests by ``Kind/name``."""
     docs = {}
     for path in sorted(K8S.glob("*.yaml")):
         if path.name == "kustomization.yaml":
             continue
         for doc in load_yaml_all(path):
-            docs[doc["kind"]] = doc
+            docs[manifest_key(doc)] = doc
     return docs
 
 
@@ -461,16 +466,22 @@ def test_kubernetes_manifests_validate_against_the_schemas():
     import kubernetes_validate
 
     docs = k8s_documents()
-    assert set(docs) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    assert set(docs) == {
+        "Deployment/stt-engine",
+        "Service/stt-engine",
+        "Service/stt-engine-headless",
+        "HorizontalPodAutoscaler/stt-engine",
+        "PodDisruptionBudget/stt-engine",
+    }
     for version in K8S_VERSIONS:
         for doc in docs.values():
             kubernetes_validate.validate(doc, version, strict=True)
     # The validator does reject a broken manifest (it works offline, with its bundled schemas).
-    broken = copy.deepcopy(docs["Deployment"])
+    broken = copy.deepcopy(docs["Deployment/stt-engine"])
     broken["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["grpc"]["port"] = "grpc"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, K8S_VERSIONS[-1], strict=True)
-    typo = copy.deepcopy(docs["Service"])
+    typo = copy.deepcopy(docs["Service/stt-engine-headless"])
     typo["spec"]["clusterIp"] = "None"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(typo, K8S_VERSIONS[-1], strict=True)
@@ -482,7 +493,7 @@ def test_kustomization_renders_valid_manifests():
     result = run(stack_tool("kustomize"), "build", str(K8S))
     assert result.returncode == 0, result.stderr
     rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-    assert sorted(doc["kind"] for doc in rendered) == sorted(k8s_documents())
+    assert sorted(manifest_key(doc) for doc in rendered) == sorted(k8s_documents())
     for doc in rendered:
         kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
         assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "stt-engine"
@@ -490,7 +501,8 @@ def test_kustomization_renders_valid_manifests():
 
 def test_deployment_probes_drain_and_telemetry():
     docs = k8s_documents()
-    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    deployment = docs["Deployment/stt-engine"]
+    pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {item["name"]: item.get("value") for item in container["env"]}
     assert env["STT_ADDRESS"] == "0.0.0.0:50051"  # kubelet probes the pod IP
@@ -514,9 +526,15 @@ def test_deployment_probes_drain_and_telemetry():
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + float(env["STT_DRAIN_SECONDS"]) + 30
     assert container["resources"]["requests"]["cpu"] and container["resources"]["limits"]["memory"] == "2Gi"
     assert pod["securityContext"]["runAsNonRoot"] is True
-    service = docs["Service"]["spec"]
-    assert service["clusterIP"] == "None" and service["ports"][0]["port"] == 50051
-    assert docs["PodDisruptionBudget"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]
+    # A ClusterIP Service for meshes and proxies (which do not balance headless ones), a
+    # headless one for clients balancing each stream over the pods (round_robin over DNS).
+    service, headless = docs["Service/stt-engine"]["spec"], docs["Service/stt-engine-headless"]["spec"]
+    assert "clusterIP" not in service and headless["clusterIP"] == "None"
+    for spec in (service, headless):
+        assert spec["selector"] == deployment["spec"]["selector"]["matchLabels"]
+        assert spec["ports"][0]["port"] == 50051
+    assert float(env["STT_MAX_CONNECTION_AGE_SECONDS"]) > 0  # balancing clients re-resolve
+    assert docs["PodDisruptionBudget/stt-engine"]["spec"]["selector"] == deployment["spec"]["selector"]
 
 
 # The downward-API fields of a pod of the Deployment, for tests that run the engine as that pod.
@@ -530,7 +548,7 @@ POD_FIELDS = {
 def deployment_env() -> dict[str, str]:
     """The engine container's environment as kubelet builds it for a pod with ``POD_FIELDS``:
     downward-API fields filled in, `$(VAR)` references to earlier variables expanded."""
-    (container,) = k8s_documents()["Deployment"]["spec"]["template"]["spec"]["containers"]
+    (container,) = k8s_documents()["Deployment/stt-engine"]["spec"]["template"]["spec"]["containers"]
     env: dict[str, str] = {}
     for item in container["env"]:
         if "valueFrom" in item:
@@ -543,7 +561,7 @@ def deployment_env() -> dict[str, str]:
 def hpa_metric(kind: str) -> dict:
     (metric,) = [
         metric[kind[0].lower() + kind[1:]]
-        for metric in k8s_documents()["HorizontalPodAutoscaler"]["spec"]["metrics"]
+        for metric in k8s_documents()["HorizontalPodAutoscaler/stt-engine"]["spec"]["metrics"]
         if metric["type"] == kind
     ]
     return metric
@@ -599,7 +617,7 @@ def test_hpa_scales_on_streams_per_pod_with_cpu_as_safety_and_slow_scale_down():
     assert streams["target"] == {"type": "AverageValue", "averageValue": str(int(0.75 * max_streams))}
     # CPU at the utilisation of a full pod (STT_MAX_STREAMS real-time streams at the measured
     # cost), so it adds pods only for work the stream count does not show.
-    pod = k8s_documents()["Deployment"]["spec"]["template"]["spec"]
+    pod = k8s_documents()["Deployment/stt-engine"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     cores = float(container["resources"]["requests"]["cpu"])
     full_pod = 100 * max_streams * benchmark_cpu_per_audio_second(max_streams) / cores
@@ -608,7 +626,7 @@ def test_hpa_scales_on_streams_per_pod_with_cpu_as_safety_and_slow_scale_down():
     assert cpu["target"]["averageUtilization"] == pytest.approx(full_pod, abs=5)
     # Streams are long-lived: scale down after a long quiet spell, one pod at a time, each pod
     # gone (drained) before the next is chosen.
-    behavior = k8s_documents()["HorizontalPodAutoscaler"]["spec"]["behavior"]
+    behavior = k8s_documents()["HorizontalPodAutoscaler/stt-engine"]["spec"]["behavior"]
     assert behavior["scaleDown"]["stabilizationWindowSeconds"] >= 300
     for policy in behavior["scaleDown"]["policies"]:
         assert policy["type"] == "Pods" and policy["value"] == 1
@@ -643,11 +661,11 @@ def test_tls_overlay_renders_tls_tokens_and_unchanged_probes():
 
     result = run(stack_tool("kustomize"), "build", str(K8S_TLS))
     assert result.returncode == 0, result.stderr
-    rendered = {doc["kind"]: doc for doc in yaml.safe_load_all(result.stdout) if doc}
+    rendered = {manifest_key(doc): doc for doc in yaml.safe_load_all(result.stdout) if doc}
     assert sorted(rendered) == sorted(k8s_documents())
     for doc in rendered.values():
         kubernetes_validate.validate(doc, K8S_VERSIONS[-1], strict=True)
-    pod = rendered["Deployment"]["spec"]["template"]["spec"]
+    pod = rendered["Deployment/stt-engine"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {item["name"]: item.get("value") for item in container["env"]}
     mounts = {mount["mountPath"]: mount["name"] for mount in container["volumeMounts"]}
@@ -664,7 +682,7 @@ def test_tls_overlay_renders_tls_tokens_and_unchanged_probes():
     assert int(env["STT_MAX_STREAMS_PER_IDENTITY"]) <= int(env["STT_MAX_STREAMS"])
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == 50052, probe
-    assert "appProtocol" not in rendered["Service"]["spec"]["ports"][0]  # not h2c any more
+    assert "appProtocol" not in rendered["Service/stt-engine"]["spec"]["ports"][0]  # not h2c any more
 
 
 # --- docker compose and the Dockerfile ----------------------------------------------------------------
