@@ -9,12 +9,11 @@ import threading
 
 import grpc
 import numpy as np
-from cryptography.hazmat.primitives import serialization
 
 from engine.client import SpeechClient, StreamConfig, audio_requests, final_transcripts
 from tests.helpers import JFK_OPENING, JFK_TEXT, SAMPLE, ServerProcess, wait_until, wer
 from tests.test_cli import stt_engine
-from tests.test_security import issue_server, make_ca, wait_serving
+from tests.test_security import wait_serving
 
 # Light servers that start in a second and stop at once (no collector to flush to); held
 # streams send nothing for a while, so the idle timeout is long.
@@ -91,19 +90,19 @@ def test_streams_of_one_client_spread_over_servers_and_skip_a_draining_one(serve
         assert list(client.stream([StreamConfig().first_request()])) == []
 
 
-def test_tls_to_every_server_of_a_list_and_of_a_dns_name(server_factory, tmp_path):
-    ca = make_ca("stt scale-out CA")
-    ca_file = tmp_path / "ca.pem"
-    ca_file.write_bytes(ca.cert.public_bytes(serialization.Encoding.PEM))
-    cert, key = issue_server(ca).write(tmp_path, "server")  # names localhost and 127.0.0.1
-    first, second = start_pair(server_factory, "--tls-cert", cert, "--tls-key", key, ca_file=str(ca_file))
+def test_tls_to_every_server_of_a_list_and_of_a_dns_name(server_factory, pki):
+    ca_file = pki.ca_file
+    # The server certificate names localhost and 127.0.0.1.
+    first, second = start_pair(
+        server_factory, "--tls-cert", pki.server_cert, "--tls-key", pki.server_key, ca_file=ca_file
+    )
     # gRPC's authority for an address list is the whole list; the client verifies the first
     # address instead, which the certificate names.
-    with SpeechClient(f"{first.target},{second.target}", ca_file=str(ca_file)) as client:
+    with SpeechClient(f"{first.target},{second.target}", ca_file=ca_file) as client:
         wait_until(lambda: answering(client) == {8, 9}, 30, what="TLS to both servers")
         assert client.health("stt.v1.Speech") == "SERVING"
         assert list(client.stream([StreamConfig().first_request()])) == []
-    with SpeechClient(f"dns:///localhost:{first.port}", ca_file=str(ca_file)) as client:
+    with SpeechClient(f"dns:///localhost:{first.port}", ca_file=ca_file) as client:
         assert answering(client) == {8}
 
 
