@@ -72,14 +72,15 @@ def tool(name: str) -> str:
 STACK_CACHE = Path(os.environ.get("STT_STACK_CACHE", Path.home() / ".cache" / "stt-engine-stack"))
 
 
+def stack_versions() -> dict[str, str]:
+    """The pinned versions of .ci/versions.env."""
+    lines = (REPO / ".ci" / "versions.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
 def stack_tool(name: str) -> str:
     """A pinned test tool that .ci/setup builds from Go modules (versions in .ci/versions.env)."""
-    versions = dict(
-        line.split("=", 1)
-        for line in (REPO / ".ci" / "versions.env").read_text().splitlines()
-        if line and not line.startswith("#")
-    )
-    version = versions[f"{name.upper().replace('-', '_')}_VERSION"]
+    version = stack_versions()[f"{name.upper().replace('-', '_')}_VERSION"]
     binary = STACK_CACHE / f"{name}-{version}" / name
     if not binary.is_file():
         pytest.fail(f"{binary} is missing: `bash .ci/setup` builds it")

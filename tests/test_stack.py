@@ -47,6 +47,7 @@ from tests.helpers import (
     ServerProcess,
     free_port,
     stack_tool,
+    stack_versions,
     tool,
     wait_until,
     wer,
@@ -68,11 +69,7 @@ from tests.test_deploy import (
 )
 
 STREAMING = "stt.v1.Speech/StreamingRecognize"
-VERSIONS = dict(
-    line.split("=", 1)
-    for line in (REPO / ".ci" / "versions.env").read_text().splitlines()
-    if line and not line.startswith("#")
-)
+VERSIONS = stack_versions()
 
 
 # --- the stack's processes --------------------------------------------------------------------------
@@ -458,23 +455,20 @@ def test_the_collector_under_test_is_the_release_compose_ships():
 
 def test_otelcol_validate_accepts_the_shipped_config_without_any_environment():
     env = {key: value for key, value in os.environ.items() if not key.startswith(("OTELCOL_", "DEPLOYMENT_"))}
-    validated = subprocess.run(
-        [stack_tool("otelcol-stt"), "validate", "--config", str(COLLECTOR_CONFIG)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert validated.returncode == 0, validated.stderr
-    printed = subprocess.run(
-        [stack_tool("otelcol-stt"), "print-config", "--config", str(COLLECTOR_CONFIG)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    assert printed.returncode == 0, printed.stderr
-    resolved = yaml.safe_load(printed.stdout)
+
+    def otelcol(command: str) -> str:
+        done = subprocess.run(
+            [stack_tool("otelcol-stt"), command, "--config", str(COLLECTOR_CONFIG)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    otelcol("validate")
+    resolved = yaml.safe_load(otelcol("print-config"))
     # The compose defaults apply: DEPLOYMENT_ENVIRONMENT unset stamps "production".
     (environment,) = resolved["processors"]["resource"]["attributes"]
     assert environment["value"] == "production"
