@@ -108,13 +108,16 @@ class Telemetry:
     def _start_sdk(self) -> None:
         from opentelemetry.sdk._logs import LoggerProvider
         from opentelemetry.sdk._logs.export import BatchLogRecordProcessor, ConsoleLogRecordExporter
-        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics import Histogram, MeterProvider
         from opentelemetry.sdk.metrics.export import (
             ConsoleMetricExporter,
             PeriodicExportingMetricReader,
         )
+        from opentelemetry.sdk.metrics.view import View
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+        from .exemplars import sticky_exemplar_reservoirs
 
         options = self.options
         resource = self._resource(os.environ.get("STT_MODEL", "tiny.en"))
@@ -145,7 +148,9 @@ class Telemetry:
 
             self._prometheus_server = start_http_server(options.metrics_port, options.metrics_host)
             readers.append(PrometheusMetricReader())
-        self._meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+        # Histogram buckets keep their last exemplar across exports (otel/exemplars.py).
+        histograms = View(instrument_type=Histogram, exemplar_reservoir_factory=sticky_exemplar_reservoirs)
+        self._meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=[histograms])
 
         if options.logs_exporter in ("otlp", "console"):
             self.logger_provider = LoggerProvider(resource=resource)

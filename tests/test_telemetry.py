@@ -479,3 +479,18 @@ def test_json_console_logs_carry_trace_ids(server_factory, jfk):
     assert entries and all({"time", "level", "logger", "message"} <= set(e) for e in entries)
     stream_entries = [e for e in entries if e["message"].startswith("stream ")]
     assert len(stream_entries) == 2 and all(e["trace_id"] == trace_id for e in stream_entries)
+
+
+def test_latency_exemplars_name_the_streams_and_stay_in_later_exports(traced):
+    receiver = traced["receiver"]
+    streams = {traced["trace_id"], traced["paused_trace_id"]}
+    exports_before = len(receiver.metrics)
+    # The next exports come after every stream has ended: nothing new is measured in them.
+    receiver.wait_for(lambda: len(receiver.metrics) >= exports_before + 2)
+    for name in ("stt.final.latency", "stt.first_interim.latency"):
+        last = receiver.metric_points()[name][-1]
+        # Recorded inside the utterance's span, so the exemplar leads to the stream's trace;
+        # kept until a newer measurement replaces it, so a scrape between exports still sees it.
+        linked = {exemplar.trace_id.hex() for exemplar in last.exemplars}
+        assert linked and linked <= streams, (name, linked)
+        assert all(len(exemplar.span_id) == 8 for exemplar in last.exemplars)
