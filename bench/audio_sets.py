@@ -176,7 +176,7 @@ def readings_set(readings: dict[str, list[Clip]]) -> list[LongForm]:
     ]
 
 
-def _sox(audio: np.ndarray, *effect: str) -> np.ndarray:
+def sox(audio: np.ndarray, *effect: str) -> np.ndarray:
     raw = subprocess.run(
         ["sox", "-t", "f32", "-r", str(RATE), "-c", "1", "-", "-t", "f32", "-", *effect],
         input=audio.astype(np.float32).tobytes(),
@@ -188,7 +188,7 @@ def _sox(audio: np.ndarray, *effect: str) -> np.ndarray:
 
 def slowed_set(clips: list[Clip], tempo: float = 0.75) -> list[LongForm]:
     """Slow speakers: every clip at ``tempo`` (sox, pitch kept), every pause stretched."""
-    slow = [replace(c, audio=_sox(c.audio, "tempo", "-s", str(tempo))) for c in clips]
+    slow = [replace(c, audio=sox(c.audio, "tempo", "-s", str(tempo))) for c in clips]
     return [
         join(
             f"slow-{number}", order, [g / tempo for g in gap_schedule(len(order), number)], seed=300 + number

@@ -11,6 +11,7 @@ setting to see what each one is worth.
     python bench/decode_cost.py --interim-min-frames 1000 --interim-interval-ms 700
     python bench/decode_cost.py --context all                     # interims prompted with it too
     python bench/decode_cost.py --interim-window-ms 0             # every interim: whole utterance
+    python bench/decode_cost.py --audio-set continuous --long-utterance-ms 0   # no short-pause cut
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.streaming import long_form  # noqa: E402
+from bench.streaming import continuous_form, long_form  # noqa: E402
 from engine.context import SpokenContext  # noqa: E402
 from engine.model import DecodeRequest, SpeechModel  # noqa: E402
 from engine.options import DecodeOptions, ModelOptions, StreamingOptions  # noqa: E402
@@ -52,6 +53,12 @@ def main() -> None:
     parser.add_argument("--interim-interval-ms", type=int, default=StreamingOptions.interim_interval_ms)
     parser.add_argument("--interim-window-ms", type=int, default=StreamingOptions.interim_window_ms)
     parser.add_argument("--first-interim-ms", type=int, default=StreamingOptions.first_interim_ms)
+    parser.add_argument("--long-utterance-ms", type=int, default=StreamingOptions.long_utterance_ms)
+    parser.add_argument(
+        "--long-interim-interval-ms", type=int, default=StreamingOptions.long_interim_interval_ms
+    )
+    parser.add_argument("--max-utterance-ms", type=int, default=StreamingOptions.max_utterance_ms)
+    parser.add_argument("--audio-set", choices=("joined", "continuous"), default="joined")
     parser.add_argument("--blas-threads", type=int, default=1, help="numpy BLAS threads (engine: 1)")
     parser.add_argument("--threads", type=int, default=1, help="CTranslate2 threads")
     parser.add_argument(
@@ -62,7 +69,10 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    audio, _ = long_form(args.audio_dir, 1.5, 0)
+    if args.audio_set == "continuous":
+        audio, segments = continuous_form()
+    else:
+        audio, segments = long_form(args.audio_dir, 1.5, 0)
     decode_options = DecodeOptions(
         min_encoder_frames=args.final_min_frames,
         interim_min_encoder_frames=args.interim_min_frames,
@@ -80,6 +90,9 @@ def main() -> None:
         interim_interval_ms=args.interim_interval_ms,
         interim_window_ms=args.interim_window_ms,
         first_interim_ms=args.first_interim_ms,
+        long_utterance_ms=args.long_utterance_ms,
+        long_interim_interval_ms=args.long_interim_interval_ms,
+        max_utterance_ms=args.max_utterance_ms,
     )
     recognizer, context = StreamingRecognizer(options), SpokenContext()
     window = InterimWindow(options.interim_window_ms / 1000)
@@ -87,9 +100,11 @@ def main() -> None:
     counts = {"interim": 0, "final": 0}
     last_interims, finals = [], []
     interim = ""
-    for start in range(0, len(audio), 1600):
+    transcript, lengths = [], []
+    chunks = [audio[start : start + 1600] for start in range(0, len(audio), 1600)]
+    for chunk in [*chunks, None]:  # None: the end of the stream
         began = time.process_time()
-        events = recognizer.accept(audio[start : start + 1600])
+        events = recognizer.accept(chunk) if chunk is not None else recognizer.finish()
         cpu["vad"] += time.process_time() - began
         for event in events:
             began = time.process_time()
@@ -113,6 +128,8 @@ def main() -> None:
                 context.add(final)
                 cpu["final"] += time.process_time() - began
                 counts["final"] += 1
+                transcript.append(final.text)
+                lengths.append(event.end - event.start)
                 if interim:
                     last_interims.append(interim)
                     finals.append(final.text)
@@ -124,6 +141,8 @@ def main() -> None:
         "decodes": counts,
         "cpu_per_audio_second": {k: v / seconds for k, v in cpu.items()}
         | {"total": sum(cpu.values()) / seconds},
+        "wer": wer([" ".join(s.transcript for s in segments)], [" ".join(transcript)]),
+        "utterance_seconds": {"mean": sum(lengths) / len(lengths), "max": max(lengths)},
         # How far the last interim of each utterance is from its final: interim quality.
         "last_interim_wer_vs_final": wer(finals, last_interims),
         "final_and_last_interim": list(zip(finals, last_interims)),

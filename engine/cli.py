@@ -38,6 +38,8 @@ def _server_options(args: argparse.Namespace) -> tuple[ServerOptions, ModelOptio
         speculative_final_ms=args.speculative_final_ms,
         vad_refresh_ms=args.vad_refresh_ms,
         short_utterance_ms=args.short_utterance_ms,
+        long_utterance_ms=args.long_utterance_ms,
+        long_interim_interval_ms=args.long_interim_interval_ms,
     )
     decode = dataclasses.replace(defaults.decode, fallback_on_low_logprob=args.fallback == "whisper")
     server = ServerOptions(
@@ -209,11 +211,25 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="most audio an interim decodes; older agreed words become its prompt (0: whole utterance)",
     )
     parser.add_argument(
+        "--long-interim-interval-ms",
+        type=_number(int, 0, 10000),
+        default=e("long_interim_interval_ms", "1500"),
+        help="interims this far apart once an utterance outgrows the interim window "
+        "(0: --interim-interval-ms throughout)",
+    )
+    parser.add_argument(
         "--short-utterance-ms",
         type=_number(int, 0, 10000),
         default=e("short_utterance_ms", "1000"),
         help="an utterance with less speech than this ends after 1.5 s of silence, not the "
         "endpoint silence, so a slow speaker's single words are decoded together (0: off)",
+    )
+    parser.add_argument(
+        "--long-utterance-ms",
+        type=_number(int, 0, 60000),
+        default=e("long_utterance_ms", "8000"),
+        help="an utterance this long ends at a 300 ms pause, not the endpoint silence, so "
+        "continuous speech is cut between phrases (0: off)",
     )
     parser.add_argument(
         "--vad-refresh-ms",

@@ -142,6 +142,10 @@ class StreamingRecognizer:
             self._silence_frames, round(options.short_utterance_silence_ms / 1000 / FRAME_SECONDS)
         )
         self._min_speech_frames = max(1, round(options.min_speech_ms / 1000 / FRAME_SECONDS))
+        self._long_frames = round(options.long_utterance_ms / 1000 / FRAME_SECONDS)
+        self._long_silence_frames = max(
+            1, min(self._silence_frames, round(options.long_utterance_silence_ms / 1000 / FRAME_SECONDS))
+        )
         # Speculation needs the padded final audio complete: silence longer than the pad.
         speculative = options.speculative_final_ms
         self._speculative_frames = (
@@ -152,6 +156,10 @@ class StreamingRecognizer:
         self._max_frames = round(options.max_utterance_ms / 1000 / FRAME_SECONDS)
         self._search_frames = round(options.split_search_ms / 1000 / FRAME_SECONDS)
         self._interim_samples = int(options.interim_interval_ms * TARGET_SAMPLE_RATE / 1000)
+        # Never more often than the stream asked for (a client may set a slower cadence).
+        long_interval = max(options.long_interim_interval_ms, options.interim_interval_ms)
+        self._long_interim_samples = int(long_interval * TARGET_SAMPLE_RATE / 1000)
+        self._window_samples = int(options.interim_window_ms * TARGET_SAMPLE_RATE / 1000)
         self._first_interim_samples = int(
             min(options.first_interim_ms, options.interim_interval_ms) * TARGET_SAMPLE_RATE / 1000
         )
@@ -187,9 +195,12 @@ class StreamingRecognizer:
             # Only when the speaker said something since the last one: a pause adds no words.
             fresh_speech = self._last_speech_frame > self._interim_speech_frame
             if end_sample >= self._next_interim_sample and fresh_speech:
-                self._next_interim_sample = end_sample + self._interim_samples
-                self._interim_speech_frame = self._last_speech_frame
                 start = self._utterance_start_sample()
+                long = 0 < self._window_samples < end_sample - start
+                self._next_interim_sample = end_sample + (
+                    self._long_interim_samples if long else self._interim_samples
+                )
+                self._interim_speech_frame = self._last_speech_frame
                 events.append(
                     InterimDue(
                         self.utterance_index,
@@ -267,15 +278,24 @@ class StreamingRecognizer:
     def _is_short(self) -> bool:
         return self._speech_frames < self._short_speech_frames
 
+    def _is_long(self) -> bool:
+        return 0 < self._long_frames <= self._frames_done - self._start_frame
+
     def _endpoint_frames(self) -> int:
-        """Silence that ends the open utterance: longer while it holds very little speech."""
-        return self._short_silence_frames if self._is_short() else self._silence_frames
+        """Silence that ends the open utterance: longer while it holds very little speech,
+        shorter once it is long."""
+        if self._is_short():
+            return self._short_silence_frames
+        return self._long_silence_frames if self._is_long() else self._silence_frames
 
     def _speculation_frames(self) -> int:
-        """Silence after which the final decode starts: as long before the endpoint either way."""
-        if not self._speculative_frames or not self._is_short():
-            return self._speculative_frames
-        return self._speculative_frames + self._short_silence_frames - self._silence_frames
+        """Silence after which the final decode starts: as long before the endpoint either way
+        (none when the endpoint comes as soon as the final's padded audio is complete)."""
+        if not self._speculative_frames:
+            return 0
+        lead = self._silence_frames - self._speculative_frames
+        speculation = self._endpoint_frames() - lead
+        return speculation if speculation * FRAME_SAMPLES > self._pad else 0
 
     def _confirm(self, events: list[Event]) -> None:
         self._confirmed = True

@@ -1,5 +1,7 @@
 """Streaming VAD equals the batch model; segmentation finds utterances, not silence."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -7,6 +9,7 @@ from engine.options import StreamingOptions
 from engine.recognizer import (
     AudioBuffer,
     EndpointLikely,
+    InterimDue,
     InterimWindow,
     LocalAgreement,
     SpeechResumed,
@@ -149,7 +152,7 @@ def test_speculative_final_audio_is_the_final_audio(jfk):
 def test_speech_resuming_withdraws_the_speculation(jfk):
     # A 1 s gap inside a 3 s endpoint: speculated on, then withdrawn when speech returns.
     audio = np.concatenate([jfk, np.zeros(16000, np.float32), jfk, np.zeros(16000 * 4, np.float32)])
-    options = StreamingOptions(silence_duration_ms=3000, max_utterance_ms=28000)
+    options = StreamingOptions(silence_duration_ms=3000, max_utterance_ms=28000, long_utterance_ms=0)
     events = feed(StreamingRecognizer(options), audio)
     used, discarded = check_speculations(events)
     assert discarded >= 1 and used == 1
@@ -158,11 +161,50 @@ def test_speech_resuming_withdraws_the_speculation(jfk):
 
 def test_end_of_stream_in_a_pause_ends_where_the_endpoint_would(jfk):
     audio = np.concatenate([jfk, np.zeros(8000, np.float32)])  # stops 500 ms into silence
-    events = feed(StreamingRecognizer(StreamingOptions(silence_duration_ms=3000)), audio)
+    options = StreamingOptions(silence_duration_ms=3000, long_utterance_ms=0)
+    events = feed(StreamingRecognizer(options), audio)
     last = events[-1]
     assert isinstance(last, UtteranceEnded) and last.reason == "end_of_stream"
     assert last.end == pytest.approx(last.speech_end + 0.3)
     assert check_speculations(events)[0] == 1
+
+
+def test_continuous_speech_is_cut_at_short_pauses_once_an_utterance_is_long(jfk):
+    # Three JFKs with 0.4 s breaths, and an endpoint silence longer than JFK's own pauses:
+    # speech that never pauses for the endpoint.
+    breath = np.zeros(int(0.4 * 16000), np.float32)
+    audio = np.concatenate([jfk, breath, jfk, breath, jfk, np.zeros(16000, np.float32)])
+
+    def utterances(options: StreamingOptions) -> list[UtteranceEnded]:
+        return [e for e in feed(StreamingRecognizer(options), audio) if isinstance(e, UtteranceEnded)]
+
+    ended = utterances(StreamingOptions(silence_duration_ms=1500))
+    # Each ends at a pause of 300 ms or more once it is 8 s long: at the latest the breath
+    # after its JFK (11 s), never cut mid-phrase at the 20 s limit.
+    assert all(e.reason == "silence" and e.end - e.start < 12 for e in ended), ended
+    assert len(ended) >= 3
+    # Without the rule: one utterance runs to the limit and is cut there.
+    unbounded = utterances(StreamingOptions(silence_duration_ms=1500, long_utterance_ms=0))
+    assert any(e.reason == "max_length" for e in unbounded)
+
+
+def test_interims_come_less_often_once_an_utterance_outgrows_the_window(jfk):
+    # JFK as one utterance (its pauses are shorter than this endpoint silence).
+    options = StreamingOptions(silence_duration_ms=1500, long_utterance_ms=0)
+
+    def gaps(options: StreamingOptions) -> list[tuple[float, float]]:
+        """(utterance audio so far, new audio since the previous interim) per interim."""
+        due = [e for e in feed(StreamingRecognizer(options), jfk) if isinstance(e, InterimDue)]
+        return [(b.end - b.start, b.end - a.end) for a, b in zip(due, due[1:])]
+
+    within, beyond = [], []
+    for length, gap in gaps(options):
+        (within if length <= 4.0 + 1.0 else beyond).append(gap)
+    assert within and min(within) == pytest.approx(1.0, abs=0.11)
+    assert beyond and min(beyond) >= 1.5 - 0.01
+    # A stream that asked for a slower cadence keeps it throughout.
+    slow = dataclasses.replace(options, interim_interval_ms=2000)
+    assert min(gap for _, gap in gaps(slow)) >= 2.0 - 0.01
 
 
 def test_speculation_can_be_disabled(jfk):
