@@ -227,9 +227,9 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--long-utterance-ms",
         type=_number(int, 0, 60000),
-        default=e("long_utterance_ms", "8000"),
+        default=e("long_utterance_ms", "0"),
         help="an utterance this long ends at a 300 ms pause, not the endpoint silence, so "
-        "continuous speech is cut between phrases (0: off)",
+        "continuous speech is cut between phrases; costs accuracy (0: off)",
     )
     parser.add_argument(
         "--vad-refresh-ms",

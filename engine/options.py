@@ -135,9 +135,11 @@ class StreamingOptions:
             to 0.8 s more final latency. 0 disables it.
         long_utterance_ms, long_utterance_silence_ms: once an utterance is
             ``long_utterance_ms`` long, ``long_utterance_silence_ms`` of silence ends it.
-            Continuous speech rarely pauses for the endpoint silence, so its utterances would
-            run to ``max_utterance_ms`` and be cut mid-phrase; a breath between phrases ends
-            them instead, and finals stay short (cheaper, sooner). 0 disables it.
+            Continuous speech rarely pauses for the endpoint silence, so its utterances run
+            to ``max_utterance_ms``; a breath between phrases would end them instead and keep
+            finals short (sooner). Off by default: the next utterance then starts right after
+            a short pause, without its pre-roll, and on continuous speech WER rose from 3.3%
+            to 8.5% (8000/300). 0 disables it.
         vad_refresh_ms: the VAD's second, fresh recurrent state is reset after every this
             much audio scored as non-speech; each frame's probability is the higher of the
             fresh and the carried state's. Carried through long silence or room noise,
@@ -170,7 +172,7 @@ class StreamingOptions:
     vad_refresh_ms: int = 1000
     short_utterance_ms: int = 1000
     short_utterance_silence_ms: int = 1500
-    long_utterance_ms: int = 8000
+    long_utterance_ms: int = 0
     long_utterance_silence_ms: int = 300
 
 

@@ -152,7 +152,7 @@ def test_speculative_final_audio_is_the_final_audio(jfk):
 def test_speech_resuming_withdraws_the_speculation(jfk):
     # A 1 s gap inside a 3 s endpoint: speculated on, then withdrawn when speech returns.
     audio = np.concatenate([jfk, np.zeros(16000, np.float32), jfk, np.zeros(16000 * 4, np.float32)])
-    options = StreamingOptions(silence_duration_ms=3000, max_utterance_ms=28000, long_utterance_ms=0)
+    options = StreamingOptions(silence_duration_ms=3000, max_utterance_ms=28000)
     events = feed(StreamingRecognizer(options), audio)
     used, discarded = check_speculations(events)
     assert discarded >= 1 and used == 1
@@ -161,8 +161,7 @@ def test_speech_resuming_withdraws_the_speculation(jfk):
 
 def test_end_of_stream_in_a_pause_ends_where_the_endpoint_would(jfk):
     audio = np.concatenate([jfk, np.zeros(8000, np.float32)])  # stops 500 ms into silence
-    options = StreamingOptions(silence_duration_ms=3000, long_utterance_ms=0)
-    events = feed(StreamingRecognizer(options), audio)
+    events = feed(StreamingRecognizer(StreamingOptions(silence_duration_ms=3000)), audio)
     last = events[-1]
     assert isinstance(last, UtteranceEnded) and last.reason == "end_of_stream"
     assert last.end == pytest.approx(last.speech_end + 0.3)
@@ -178,19 +177,19 @@ def test_continuous_speech_is_cut_at_short_pauses_once_an_utterance_is_long(jfk)
     def utterances(options: StreamingOptions) -> list[UtteranceEnded]:
         return [e for e in feed(StreamingRecognizer(options), audio) if isinstance(e, UtteranceEnded)]
 
-    ended = utterances(StreamingOptions(silence_duration_ms=1500))
+    ended = utterances(StreamingOptions(silence_duration_ms=1500, long_utterance_ms=8000))
     # Each ends at a pause of 300 ms or more once it is 8 s long: at the latest the breath
     # after its JFK (11 s), never cut mid-phrase at the 20 s limit.
     assert all(e.reason == "silence" and e.end - e.start < 12 for e in ended), ended
     assert len(ended) >= 3
     # Without the rule: one utterance runs to the limit and is cut there.
-    unbounded = utterances(StreamingOptions(silence_duration_ms=1500, long_utterance_ms=0))
+    unbounded = utterances(StreamingOptions(silence_duration_ms=1500))
     assert any(e.reason == "max_length" for e in unbounded)
 
 
 def test_interims_come_less_often_once_an_utterance_outgrows_the_window(jfk):
     # JFK as one utterance (its pauses are shorter than this endpoint silence).
-    options = StreamingOptions(silence_duration_ms=1500, long_utterance_ms=0)
+    options = StreamingOptions(silence_duration_ms=1500)
 
     def gaps(options: StreamingOptions) -> list[tuple[float, float]]:
         """(utterance audio so far, new audio since the previous interim) per interim."""
