@@ -134,3 +134,18 @@ def float_to_linear16(samples: np.ndarray) -> bytes:
     """Float samples in [-1, 1) to LINEAR16 bytes, the inverse of decoding (x / 32768), so a
     16-bit recording read as float goes over the wire bit for bit."""
     return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
+
+
+def quietest_point(
+    audio: np.ndarray, start: float, end: float, frame: float = 0.1, sample_rate: int = 16000
+) -> float:
+    """The offset in seconds, between ``start`` and ``end``, of the centre of the quietest
+    ``frame`` of ``audio``: where to split speech between two words rather than inside one."""
+    size, hop = round(frame * sample_rate), round(frame * sample_rate / 2)
+    first = max(0, round(start * sample_rate))
+    last = min(len(audio) - size, round(end * sample_rate))
+    if last < first:
+        return min(max(start, 0.0), len(audio) / sample_rate)
+    starts = np.arange(first, last + 1, hop)
+    energy = [float(np.mean(np.square(audio[index : index + size]))) for index in starts]
+    return (int(starts[int(np.argmin(energy))]) + size / 2) / sample_rate

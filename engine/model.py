@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,33 @@ class Hypothesis:
     beam_size: int = 1
     encode_seconds: float = 0.0
     decode_seconds: float = 0.0
+
+
+def join_hypotheses(head: Hypothesis, tail: Hypothesis, tail_offset: float) -> Hypothesis:
+    """One utterance's hypothesis from the decodes of its two parts, the tail's audio
+    starting ``tail_offset`` seconds in."""
+    if not tail.is_speech:
+        return head
+    shifted = [replace(w, start=w.start + tail_offset, end=w.end + tail_offset) for w in tail.words]
+    words = head.words + shifted
+    tokens = head.tokens + tail.tokens
+    return replace(
+        head,
+        text=f"{head.text} {tail.text}",
+        alternatives=[f"{text} {tail.text}" for text in head.alternatives],
+        confidence=min(head.confidence, tail.confidence),
+        avg_logprob=(head.avg_logprob * head.tokens + tail.avg_logprob * tail.tokens) / max(1, tokens),
+        no_speech_prob=min(head.no_speech_prob, tail.no_speech_prob),
+        words=words,
+        audio_seconds=head.audio_seconds + tail.audio_seconds,
+        encoder_frames=head.encoder_frames + tail.encoder_frames,
+        tokens=tokens,
+        temperature=max(head.temperature, tail.temperature),
+        failed_checks=head.failed_checks or tail.failed_checks,
+        looped=head.looped or tail.looped,
+        encode_seconds=head.encode_seconds + tail.encode_seconds,
+        decode_seconds=head.decode_seconds + tail.decode_seconds,
+    )
 
 
 def resolve_model_path(model: str) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .options import TARGET_SAMPLE_RATE, StreamingOptions
-from .text import cut_trailing_repeat, word_key
+from .text import cut_trailing_repeat, dropped_head, word_key
 from .vad import FRAME_SAMPLES, StreamingVad
 
 FRAME_SECONDS = FRAME_SAMPLES / TARGET_SAMPLE_RATE
@@ -411,6 +411,9 @@ class InterimWindow:
         self.agreement = LocalAgreement()
         self.start = 0.0  # offset of the window in the utterance's audio
         self._words_before = 0  # stable words spoken before the window
+        self.transcript = ""  # the latest interim transcript of the whole utterance
+        # Every move: (offset in the utterance's audio, stable words spoken before it).
+        self.moves: list[tuple[float, int]] = []
 
     @property
     def stable_text(self) -> str:
@@ -441,4 +444,16 @@ class InterimWindow:
         if words and movable > 0 and len(words) == len(text.split()):
             self.start += words[movable - 1].end
             self._words_before += movable
+            self.moves.append((self.start, self._words_before))
+        self.transcript = transcript
         return transcript, stability
+
+    def head_cut(self, final_text: str) -> float | None:
+        """Where to split the utterance (seconds into its audio) for a final that left out
+        words the interims heard at its start; None when it did not, or when the window never
+        moved past them. A move is the end of a word the interims aligned: the missing words
+        all lie before the first move past them."""
+        missing = dropped_head(self.transcript, final_text)
+        if not missing:
+            return None
+        return next((start for start, words_before in self.moves if words_before >= missing), None)

@@ -30,11 +30,11 @@ import numpy as np
 from google.protobuf import duration_pb2
 
 from .api import stt_pb2
-from .audio import AudioDecoder
+from .audio import AudioDecoder, quietest_point
 from .context import SpokenContext
 from .errors import SttError, invalid_argument, out_of_range
 from .memory import LARGE_REQUEST_BYTES, release_soon
-from .model import DecodeRequest, Hypothesis, SpeechModel
+from .model import DecodeRequest, Hypothesis, SpeechModel, join_hypotheses
 from .options import TARGET_SAMPLE_RATE, ServerOptions
 from .recognizer import (
     EndpointLikely,
@@ -218,6 +218,11 @@ class StreamSession:
         for task in tasks:
             if task is not None and not task.done():
                 task.cancel()
+        # A cancelled task keeps its CancelledError, whose traceback holds the task's frame and
+        # so this session: a reference cycle that only Python's full collections free, and they
+        # are rare. Under sustained load, ended sessions piled up with their audio.
+        self._reader = self._interim = self._context_ready = None
+        self._finals = []
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         error: SttError | None = None
@@ -418,18 +423,60 @@ class StreamSession:
         )
         self.telemetry.interim_sent(event.utterance_index)
 
-    def _decode_final(self, event: EndpointLikely | UtteranceEnded, speculative: bool) -> asyncio.Future:
+    def _decode_final(
+        self, event: EndpointLikely | UtteranceEnded, window: InterimWindow, speculative: bool
+    ) -> asyncio.Future:
         observer = self.telemetry.decode(
             "final", event.utterance_index, event.start, event.end, speculative=speculative
         )
-        return asyncio.ensure_future(self._final_decode(event, observer, self._context_ready))
+        return asyncio.ensure_future(self._final_decode(event, window, observer, self._context_ready))
 
     async def _final_decode(
-        self, event: EndpointLikely | UtteranceEnded, observer, context_ready: asyncio.Future | None
+        self,
+        event: EndpointLikely | UtteranceEnded,
+        window: InterimWindow,
+        observer,
+        context_ready: asyncio.Future | None,
     ) -> Hypothesis:
         if context_ready is not None:
             await asyncio.shield(context_ready)  # the utterances before this one are in the context
-        return await self.scheduler.decode(event.audio, self._request(final=True), observer)
+        request = self._request(final=True)
+        hypothesis = await self.scheduler.decode(event.audio, request, observer)
+        cut = window.head_cut(hypothesis.text) if hypothesis.is_speech else None
+        if cut is None:
+            return hypothesis
+        return await self._decode_in_two(event, request, cut, hypothesis)
+
+    async def _decode_in_two(
+        self, event: EndpointLikely | UtteranceEnded, request: DecodeRequest, cut: float, whole: Hypothesis
+    ) -> Hypothesis:
+        """The final of the whole utterance left out its first words, which the interims heard
+        before ``cut`` seconds: decode the audio before and after a pause near it apart, the
+        second part conditioned on the first as on an earlier utterance."""
+        # Split at a pause: the aligned word end can be a tenth of a second off, and the
+        # sentence that was left out is often quiet speech running on for a few words the
+        # interims did not hear either.
+        cut = quietest_point(event.audio, cut - 0.25, cut + 1.5, sample_rate=TARGET_SAMPLE_RATE)
+        logger.info(
+            "final of utterance %d left out its first words; decoding it in two at %.2f s",
+            event.utterance_index,
+            cut,
+            extra={"stt.utterance.index": event.utterance_index},
+        )
+        split = round(cut * TARGET_SAMPLE_RATE)
+        index, start = event.utterance_index, event.start
+        head = await self.scheduler.decode(
+            event.audio[:split], request, self.telemetry.decode("final", index, start, start + cut)
+        )
+        if not head.is_speech:
+            return whole
+        if len(event.audio) - split < TARGET_SAMPLE_RATE // 10:
+            return head  # the pause is the utterance's end
+        tail_request = dataclasses.replace(request, context=f"{request.context} {head.text}".strip())
+        tail = await self.scheduler.decode(
+            event.audio[split:], tail_request, self.telemetry.decode("final", index, start + cut, event.end)
+        )
+        return join_hypotheses(head, tail, cut)
 
     async def _remember(self, decode: asyncio.Future, before: asyncio.Future | None) -> None:
         """Adds an utterance's final to the context, after the finals before it."""
@@ -445,7 +492,7 @@ class StreamSession:
     def _speculate_final(self, event: EndpointLikely) -> None:
         if self._interim is not None and not self._interim.done():
             self._interim.cancel()  # the speculative final covers all of its audio
-        self._speculation = self._decode_final(event, speculative=True)
+        self._speculation = self._decode_final(event, self._window, speculative=True)
 
     def _discard_speculation(self) -> None:
         if self._speculation is not None:
@@ -465,12 +512,12 @@ class StreamSession:
     def _start_final(self, event: UtteranceEnded) -> None:
         if self._interim is not None and not self._interim.done():
             self._interim.cancel()
-        self._window = InterimWindow(self.settings.streaming.interim_window_ms / 1000)
+        window, self._window = self._window, InterimWindow(self.settings.streaming.interim_window_ms / 1000)
         # Delivered finals are dropped so an hours-long stream keeps a short list; a failed
         # one stays until _deliver_finals reports it.
         self._finals = [t for t in self._finals if not t.done() or (not t.cancelled() and t.exception())]
         previous = self._finals[-1] if self._finals else None
-        decode = self._take_speculation(event) or self._decode_final(event, speculative=False)
+        decode = self._take_speculation(event) or self._decode_final(event, window, speculative=False)
         self._context_ready = asyncio.ensure_future(self._remember(decode, self._context_ready))
         self._finals.append(asyncio.create_task(self._run_final(event, decode, previous)))
         self._add_backlog(event.end - event.start)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import re
 import zlib
+from difflib import SequenceMatcher
 
 _NOT_WORD = re.compile(r"[^\w']+")
 MAX_REPEATS = 4  # "no, no, no" is speech; the same word four times in a row is a loop
 MAX_PERIOD = 4  # longest group of words checked for repetition
+MIN_DROPPED_WORDS = 4  # fewer leading words missing is a disagreement, not a dropped sentence
 
 
 def compression_ratio(text: str) -> float:
@@ -103,3 +105,24 @@ def cut_trailing_repeat(text: str, min_words: int = 2) -> str:
             else:
                 return " ".join(words[:start])
     return text
+
+
+def dropped_head(heard: str, decoded: str, min_words: int = MIN_DROPPED_WORDS) -> int:
+    """How many leading words of ``heard`` (an utterance's interim transcript) ``decoded``
+    (its final) leaves out, when the final starts with what was heard after them; else 0.
+
+    tiny.en now and then decodes a long utterance without its first sentence: an 18 s
+    utterance of continuous speech came back without "She had your dark suit in greasy wash
+    water all year.", which its interims had heard. A few leading words missing (at most
+    ``min_words`` - 1) are the usual disagreement of a greedy interim and a beam final.
+    """
+    heard_words, decoded_words = heard.split(), decoded.split()
+    # Punctuation-only "words" get keys of their own, so they match nothing and the indices
+    # stay those of ``heard.split()``.
+    heard_keys = [word_key(w) or f"\0{i}" for i, w in enumerate(heard_words)]
+    decoded_keys = [word_key(w) or f"\1{i}" for i, w in enumerate(decoded_words)]
+    blocks = SequenceMatcher(None, heard_keys, decoded_keys, autojunk=False).get_matching_blocks()
+    first = next((block for block in blocks if block.size >= 3), None)
+    if first is None or first.b > 1 or first.a < min_words:
+        return 0
+    return first.a

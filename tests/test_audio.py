@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from engine.api import stt_pb2
-from engine.audio import AudioDecoder, float_to_linear16
+from engine.audio import AudioDecoder, float_to_linear16, quietest_point
 from tests.helpers import SAMPLE, ffmpeg
 
 
@@ -54,3 +54,16 @@ def test_resampling_keeps_duration_and_pitch(rate):
     spectrum = np.abs(np.fft.rfft(out[1000:-1000]))
     peak_hz = np.argmax(spectrum) * 16000 / len(out[1000:-1000])
     assert abs(peak_hz - 440) < 5
+
+
+def test_the_quietest_point_between_two_sentences_is_the_pause():
+    # The continuous set: real clips trimmed of their edge silence, joined with 0.2-0.4 s of
+    # room noise, slowed to 0.8x. Searching half a second either side of each join finds the
+    # join, not a quiet consonant inside a word. (A second either side reaches the pauses
+    # between "one", "two" and "three": pauses too, but not the join.)
+    from bench.streaming import continuous_form
+
+    audio, segments = continuous_form()
+    for before, after in zip(segments, segments[1:]):
+        point = quietest_point(audio, before.end - 0.5, after.start + 0.5)
+        assert before.end - 0.05 <= point <= after.start + 0.05, (before.transcript, point)
