@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .api import SERVICE_NAME, stt_pb2, stt_pb2_grpc
 from .audio import float_to_linear16
-from .options import TARGET_SAMPLE_RATE
+from .options import TARGET_SAMPLE_RATE, ServerOptions
 
 
 @dataclass
@@ -99,9 +99,36 @@ def read_token(token: str | None = None, token_file: str | None = None) -> str |
 # ready one, since a stream lives on one connection for its whole life. gRPC health checking of
 # stt.v1.Speech on each connection takes a loading or draining server (NOT_SERVING) out of the
 # rotation at once, rather than when it finally closes its port.
-BALANCED_SERVICE_CONFIG = json.dumps(
-    {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": SERVICE_NAME}}
-)
+BALANCED_SERVICE_CONFIG = {
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": SERVICE_NAME},
+}
+
+# gRPC's retry policy for the unary methods, in a file other clients can copy (README, "Retries"):
+# UNAVAILABLE and RESOURCE_EXHAUSTED are repeated after the server's grpc-retry-pushback-ms
+# (errors.RETRY_DELAYS), or a jittered backoff when the status came without one (no server
+# listening). Streams have no policy: a failed stream has consumed its audio.
+RETRY_SERVICE_CONFIG: dict = json.loads((Path(__file__).parent / "service_config.json").read_text())
+
+# gRPC keeps a request for retries only up to this size (default 256 KiB, 8 s of 16 kHz audio)
+# and sends a larger one once, unretried. This covers every Recognize request a server with the
+# default --max-recognize-bytes takes, plus framing; the copy lives until the call's answer.
+RETRY_BUFFER_BYTES = ServerOptions.max_recognize_bytes + (64 << 10)
+
+
+def channel_options(balanced: bool, retries: bool) -> list[tuple[str, str | int]]:
+    """The service config (balancing, retries) and the options retries need."""
+    config: dict = {}
+    if retries:
+        config.update(RETRY_SERVICE_CONFIG)
+    if balanced:
+        config.update(BALANCED_SERVICE_CONFIG)
+    options: list[tuple[str, str | int]] = [("grpc.enable_retries", int(retries))]
+    if config:
+        options.append(("grpc.service_config", json.dumps(config)))
+    if retries:
+        options.append(("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES))
+    return options
 
 
 @dataclass(frozen=True)
@@ -158,6 +185,9 @@ class SpeechClient:
     trusts ``ca_file`` (default: the system roots); ``cert_file`` and ``key_file`` are the
     client certificate for mTLS; ``server_name`` overrides the name checked against the server
     certificate. ``token`` goes on every Speech call as ``authorization: Bearer <token>``.
+
+    ``Recognize`` and ``GetServerInfo`` are retried as RETRY_SERVICE_CONFIG says unless
+    ``retries`` is False; streams never are.
     """
 
     def __init__(
@@ -170,12 +200,11 @@ class SpeechClient:
         key_file: str | None = None,
         server_name: str | None = None,
         token: str | None = None,
+        retries: bool = True,
     ) -> None:
         self.target = target
         parsed = parse_target(target)
-        options: list[tuple[str, str]] = []
-        if parsed.balanced:
-            options.append(("grpc.service_config", BALANCED_SERVICE_CONFIG))
+        options = channel_options(parsed.balanced, retries)
         if parsed.authority:
             # gRPC's default authority for a list is the whole list, which no certificate names.
             options.append(("grpc.default_authority", parsed.authority))

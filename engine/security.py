@@ -24,7 +24,7 @@ import grpc
 
 from otel import CallTelemetry
 
-from .errors import SttError
+from .errors import SttError, retryable
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ class Guard:
         if not stream or not limit:
             return
         if self.streams[identity] >= limit:
-            raise SttError(
+            raise retryable(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "STT_TOO_MANY_STREAMS_FOR_IDENTITY",
                 f"identity {identity[:128]!r} already has {limit} concurrent streams, its limit",

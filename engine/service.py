@@ -13,7 +13,7 @@ from otel import CallTelemetry, Telemetry
 from . import __version__
 from .api import SERVICE_NAME, stt_pb2, stt_pb2_grpc
 from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, SUPPORTED_ENCODINGS
-from .errors import SttError, invalid_argument, out_of_range
+from .errors import SttError, invalid_argument, out_of_range, retryable
 from .memory import LARGE_REQUEST_BYTES, release_soon
 from .model import SpeechModel
 from .options import ServerOptions
@@ -67,21 +67,22 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         self.scheduler = scheduler
 
     def _admit(self) -> None:
+        """Refuses work the server cannot take now, saying when to retry (errors.RETRY_DELAYS)."""
         if self.draining:
-            raise SttError(
+            raise retryable(
                 grpc.StatusCode.UNAVAILABLE,
                 "STT_SERVER_DRAINING",
                 "the server is draining for shutdown; retry on another instance",
             )
         if self.scheduler is None:
-            raise SttError(
+            raise retryable(
                 grpc.StatusCode.UNAVAILABLE,
                 "STT_MODEL_LOADING",
                 "the model is still loading; retry when health reports SERVING",
             )
         # One limit for streams and unary calls: each holds audio and inference work.
         if len(self.sessions) + self.recognizing >= self.options.max_concurrent_streams:
-            raise SttError(
+            raise retryable(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "STT_TOO_MANY_STREAMS",
                 f"the server is at its limit of {self.options.max_concurrent_streams} "
@@ -127,6 +128,8 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         self, request: stt_pb2.RecognizeRequest, context: grpc.aio.ServicerContext
     ) -> stt_pb2.RecognizeResponse:
         call = self.telemetry.call(RECOGNIZE_METHOD, context.invocation_metadata(), context.peer())
+        # No initial metadata before admission: a client's gRPC retry policy retries a refusal
+        # only while the call has received no headers.
         try:
             self.guard.check(context, call)
             self._admit()

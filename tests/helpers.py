@@ -23,9 +23,12 @@ from typing import TypeVar
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from engine.audio import read_audio_file
 from engine.client import SpeechClient, StreamConfig, final_transcripts
+from engine.errors import RETRY_DELAYS
 
 REPO = Path(__file__).resolve().parent.parent
 AUDIO_DIR = Path(os.environ.get("STT_TEST_AUDIO", REPO.parent / "shared" / "audio"))
@@ -183,6 +186,29 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """The google.rpc.RetryInfo delay (seconds) of a failed call, as a client unpacks it."""
+    for detail in rpc_status.from_call(error).details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToTimedelta().total_seconds()
+    return None
+
+
+def retry_pushback_ms(error: grpc.RpcError) -> str | None:
+    """The grpc-retry-pushback-ms trailer, which gRPC's own retry policy reads."""
+    return dict(error.trailing_metadata() or ()).get("grpc-retry-pushback-ms")
+
+
+def assert_retry_after(error: grpc.RpcError, reason: str) -> None:
+    """The refusal says, both ways, to retry after the delay the engine sets for ``reason``."""
+    delay = RETRY_DELAYS[reason]
+    assert delay > 0
+    assert retry_delay(error) == delay, error.details()
+    assert retry_pushback_ms(error) == str(round(delay * 1000))
+
+
 class ServerProcess:
     """``stt-engine serve`` in a subprocess, as a user runs it."""
 
@@ -199,8 +225,10 @@ class ServerProcess:
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
 
-    def client(self) -> SpeechClient:
-        return SpeechClient(self.target)
+    def client(self, retries: bool = True) -> SpeechClient:
+        """A client with the default retry policy; ``retries=False`` for a test that expects a
+        unary call's retryable refusal (Recognize at capacity) rather than its retries."""
+        return SpeechClient(self.target, retries=retries)
 
     def wait_ready(self, timeout: float = 120) -> ServerProcess:
         with self.client() as client:

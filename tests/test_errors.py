@@ -14,8 +14,16 @@ from grpc_status import rpc_status
 from engine.api import stt_pb2
 from engine.audio import float_to_linear16
 from engine.client import SpeechClient, StreamConfig, final_transcripts
-from engine.errors import ERROR_DOMAIN
-from tests.helpers import JFK_OPENING, JFK_TEXT, BackgroundStream, wait_until
+from engine.errors import ERROR_DOMAIN, RETRY_DELAYS
+from tests.helpers import (
+    JFK_OPENING,
+    JFK_TEXT,
+    BackgroundStream,
+    assert_retry_after,
+    retry_delay,
+    retry_pushback_ms,
+    wait_until,
+)
 
 
 def start_good_stream(server, audio, expected: str) -> BackgroundStream:
@@ -84,7 +92,8 @@ def error_details(error: grpc.RpcError) -> dict:
 
 
 def assert_error(error, code: grpc.StatusCode, reason: str, *words: str, field: str | None = None) -> None:
-    """The status, its ErrorInfo (reason, domain) and, for a bad field, its BadRequest."""
+    """The status, its ErrorInfo (reason, domain), RetryInfo when the reason is retryable, and,
+    for a bad field, its BadRequest."""
     assert error is not None, "expected an error"
     assert error.code() == code, error.details()
     details = error_details(error)
@@ -93,6 +102,10 @@ def assert_error(error, code: grpc.StatusCode, reason: str, *words: str, field: 
     for word in words:
         assert word in error.details(), error.details()
     assert "Traceback" not in error.details()
+    if reason in RETRY_DELAYS:
+        assert_retry_after(error, reason)
+    else:  # repeating the same request would only be refused again
+        assert retry_delay(error) is None and retry_pushback_ms(error) is None
     if field is None:
         assert error_details_pb2.BadRequest not in details
     else:

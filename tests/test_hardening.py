@@ -209,7 +209,7 @@ def test_recognize_counts_against_the_stream_limit(hardened, jfk):
         while not release.wait(0.5):
             yield audio_request(b"\0" * 3200)  # silence: alive, never idle
 
-    with hardened.client() as client:
+    with hardened.client(retries=False) as client:
         calls = [client.stream(stalled()) for _ in range(4)]
         wait_until(lambda: hardened.active_streams() == 4, 30, what="4 streams")
         with pytest.raises(grpc.RpcError) as raised:

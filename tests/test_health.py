@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from engine.client import SpeechClient, StreamConfig, audio_requests, final_transcripts
 from engine.errors import error_reason
-from tests.helpers import JFK_TEXT, tool, wait_until, wer
+from tests.helpers import JFK_TEXT, assert_retry_after, tool, wait_until, wer
 
 
 def grpcurl(target: str, *args: str, flags: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
@@ -53,7 +53,8 @@ def test_not_serving_and_model_loading_until_warm_then_serving(server_factory, j
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    with server.client() as client:
+    # Without retries, so that the unary call's refusal is seen rather than waited out.
+    with server.client(retries=False) as client:
 
         def listening_status():
             try:
@@ -70,6 +71,7 @@ def test_not_serving_and_model_loading_until_warm_then_serving(server_factory, j
         for refused in (streaming.value, unary.value):
             assert refused.code() == grpc.StatusCode.UNAVAILABLE
             assert reason_of(refused) == "STT_MODEL_LOADING"
+            assert_retry_after(refused, "STT_MODEL_LOADING")
         info = client.server_info()
         assert not info.ready and info.limits.max_concurrent_streams == 3
         # grpcurl, the third-party client, sees the same state.
@@ -143,6 +145,7 @@ def assert_draining(server, jfk) -> None:
             list(client.stream_audio(jfk[:1600], StreamConfig(), realtime=False))
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert reason_of(refused.value) == "STT_SERVER_DRAINING"
+    assert_retry_after(refused.value, "STT_SERVER_DRAINING")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

@@ -36,6 +36,7 @@ from tests.helpers import (
     SAMPLE,
     ProbeExit,
     ServerProcess,
+    assert_retry_after,
     free_port,
     health_probe,
     tool,
@@ -247,10 +248,12 @@ def test_streams_per_identity_are_limited(tls_server, jfk):
         active = lambda: bob.server_info().active_streams  # noqa: E731
         first = alice.stream(held())
         wait_until(lambda: active() == 1, 10, what="alice's stream to be admitted")
-        assert refused(lambda: alice.stream_audio(jfk[:8000], realtime=False)) == (
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            "STT_TOO_MANY_STREAMS_FOR_IDENTITY",
-        )
+        with pytest.raises(grpc.RpcError) as over:
+            list(alice.stream_audio(jfk[:8000], realtime=False))
+        assert over.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_reason(rpc_status.from_call(over.value)) == "STT_TOO_MANY_STREAMS_FOR_IDENTITY"
+        # A capacity refusal like the server-wide one: retry once one of alice's streams ends.
+        assert_retry_after(over.value, "STT_TOO_MANY_STREAMS_FOR_IDENTITY")
         # The limit is per identity: bob still gets a stream beside alice's.
         other = bob.stream(held())
         wait_until(lambda: active() == 2, 10, what="bob's stream to be admitted")

@@ -386,7 +386,7 @@ def first_traffic(stack: Stack, jfk: np.ndarray) -> dict:
     with ThreadPoolExecutor(1) as pool:
         streaming = pool.submit(stream_with_client_span, stack, jfk)
         wait_until(lambda: stack.engine.active_streams() == 1, 30, what="the traced stream to be admitted")
-        with stack.engine.client() as client:
+        with stack.engine.client(retries=False) as client:  # each refusal counted once
             for refusals in (1, 2):
                 with pytest.raises(grpc.RpcError) as refused:
                     client.recognize(jfk[:16000])
@@ -645,7 +645,7 @@ def test_refused_streams_fire_the_error_ratio_alert_through_alertmanager_and_it_
     good.wait_started()
     wait_until(lambda: stack.engine.active_streams() == 1, 10, what="the good stream to be admitted")
     burst_at = time.time()
-    with stack.engine.client() as client:
+    with stack.engine.client(retries=False) as client:  # ten refusals, not ten retried calls
         for _ in range(10):  # beyond --max-streams 1: RESOURCE_EXHAUSTED, a server-side failure
             with pytest.raises(grpc.RpcError) as refused:
                 client.recognize(jfk[:16000])
