@@ -47,10 +47,15 @@ class Instruments:
             description="Model time of one decode (encoder and decoder), by kind",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
-        self.first_interim_latency = histogram(
+        # Named for interims, which usually come first; it times whichever result comes first
+        # (the first-result SLO, deploy/slo/stt-engine.yaml), and dashboards query the name.
+        self.first_result_latency = histogram(
             "stt.first_interim.latency",
             unit="s",
-            description="Time from speech onset to the utterance's first interim result",
+            description=(
+                "Time from speech onset to the utterance's first result: an interim, or the final "
+                "when none came before it, by kind"
+            ),
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
         self.final_latency = histogram(

@@ -371,7 +371,7 @@ class StreamTelemetry(CallTelemetry):
         # (audio start, audio end, arrival time, span context or None), newest last
         self._recent: deque[tuple[float, float, float, Any]] = deque(maxlen=RECENT_CHUNKS)
         self._utterances: dict[int, tuple[Any, Any, float]] = {}  # index -> span, ctx, onset time
-        self._first_interim_sent: set[int] = set()
+        self._first_result_sent: set[int] = set()
         self._current_utterance: int | None = None
 
     def configured(self, attributes: dict[str, Any]) -> None:
@@ -492,15 +492,22 @@ class StreamTelemetry(CallTelemetry):
 
     def interim_sent(self, utterance_index: int) -> None:
         self.instruments.results.add(1, {"stt.result.kind": "interim"})
-        if utterance_index not in self._first_interim_sent:
-            self._first_interim_sent.add(utterance_index)
-            entry = self._utterances.get(utterance_index)
-            if entry is not None:
-                latency = time.perf_counter() - entry[2]
-                self.instruments.first_interim_latency.record(latency, context=entry[1])
+        self._first_result(utterance_index, "interim")
+
+    def _first_result(self, utterance_index: int, kind: str) -> None:
+        """Speech onset to the utterance's first result. A final counts when it comes first
+        (interims off, or a short utterance): that is how long the user waited for any text."""
+        if utterance_index in self._first_result_sent:
+            return
+        self._first_result_sent.add(utterance_index)
+        entry = self._utterances.get(utterance_index)
+        if entry is not None:
+            latency = time.perf_counter() - entry[2]
+            self.instruments.first_result_latency.record(latency, {"stt.result.kind": kind}, context=entry[1])
 
     def final_sent(self, utterance_index: int, speech_end: float) -> None:
         self.instruments.results.add(1, {"stt.result.kind": "final"})
+        self._first_result(utterance_index, "final")
         arrived = self._arrival(speech_end)
         if arrived is not None:
             # In the utterance's context, so that the exemplar points at the utterance's trace
@@ -511,7 +518,7 @@ class StreamTelemetry(CallTelemetry):
         self.utterance_done(utterance_index)
 
     def utterance_done(self, utterance_index: int) -> None:
-        self._first_interim_sent.discard(utterance_index)
+        self._first_result_sent.discard(utterance_index)
         entry = self._utterances.pop(utterance_index, None)
         if entry is not None:
             entry[0].end()

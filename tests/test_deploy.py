@@ -51,6 +51,9 @@ from tests.helpers import (
 DEPLOY = REPO / "deploy"
 PROMETHEUS_DIR = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS_DIR / "alerts.yml"
+SLO_RULES = PROMETHEUS_DIR / "slo.rules.yml"  # generated from deploy/slo/stt-engine.yaml
+RULE_FILES = (ALERTS, SLO_RULES)
+RULE_TESTS = {ALERTS: PROMETHEUS_DIR / "alerts_test.yml", SLO_RULES: PROMETHEUS_DIR / "slo_rules_test.yml"}
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "stt-engine.json"
 DATASOURCES = DEPLOY / "grafana" / "provisioning" / "datasources" / "datasources.yaml"
 DASHBOARD_PROVIDERS = DEPLOY / "grafana" / "provisioning" / "dashboards" / "dashboards.yaml"
@@ -80,8 +83,26 @@ def run(*command: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
+def rules_of(path: Path) -> list[dict]:
+    return [rule for group in load_yaml(path)["groups"] for rule in group["rules"]]
+
+
 def alert_rules() -> list[dict]:
-    return [rule for group in load_yaml(ALERTS)["groups"] for rule in group["rules"] if "alert" in rule]
+    """The threshold alerts (alerts.yml): each compares one value with a threshold."""
+    return [rule for rule in rules_of(ALERTS) if "alert" in rule]
+
+
+def slo_alert_rules() -> list[dict]:
+    """The SLO burn-rate alerts (slo.rules.yml): two recorded error ratios against a factor."""
+    return [rule for rule in rules_of(SLO_RULES) if "alert" in rule]
+
+
+def every_alert_rule() -> list[dict]:
+    return alert_rules() + slo_alert_rules()
+
+
+def recording_rules() -> list[dict]:
+    return [rule for path in RULE_FILES for rule in rules_of(path) if "record" in rule]
 
 
 def dashboard_panels() -> list[dict]:
@@ -158,25 +179,42 @@ def test_promtool_check_config():
     assert "SUCCESS" in result.stdout
 
 
-def test_promtool_check_rules():
-    result = run(tool("promtool"), "check", "rules", str(ALERTS))
+@pytest.mark.parametrize("rule_file", RULE_FILES, ids=lambda path: path.name)
+def test_promtool_check_rules(rule_file: Path):
+    result = run(tool("promtool"), "check", "rules", str(rule_file))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert f"SUCCESS: {len(alert_rules())} rules found" in result.stdout
+    assert f"SUCCESS: {len(rules_of(rule_file))} rules found" in result.stdout
 
 
-def test_promtool_rule_unit_tests_fire_and_do_not_fire_every_alert():
-    result = run(tool("promtool"), "test", "rules", str(PROMETHEUS_DIR / "alerts_test.yml"))
+def fires_in(rule: dict, check: dict) -> bool:
+    """Whether a promtool alert check expects this rule's alert: promtool compares the whole set
+    of alerts of that name, so a check of the name that does not list it expects it silent."""
+    return any(
+        rule["labels"].items() <= expected.get("exp_labels", {}).items()
+        for expected in check.get("exp_alerts") or []
+    )
+
+
+@pytest.mark.parametrize("rule_file", RULE_FILES, ids=lambda path: path.name)
+def test_promtool_rule_unit_tests_fire_and_do_not_fire_every_alert(rule_file: Path):
+    tests = RULE_TESTS[rule_file]
+    result = run(tool("promtool"), "test", "rules", str(tests))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
+    assert load_yaml(tests)["rule_files"] == [rule_file.name]
 
-    # Every alert is tested both ways: some case expects it, some case expects it silent.
-    fired, silent = set(), set()
-    for case in load_yaml(PROMETHEUS_DIR / "alerts_test.yml")["tests"]:
-        for check in case.get("alert_rule_test", []):
-            (fired if check.get("exp_alerts") else silent).add(check["alertname"])
-    names = {rule["alert"] for rule in alert_rules()}
-    assert names <= fired, f"never tested firing: {names - fired}"
-    assert names <= silent, f"never tested silent: {names - silent}"
+    # Every alert rule is tested both ways: some case expects it, some case expects it silent.
+    # An SLO alert is one rule per window pair, told apart by its labels (slo, long_window).
+    checks = [check for case in load_yaml(tests)["tests"] for check in case.get("alert_rule_test", [])]
+    untested = {"firing": [], "silent": []}
+    for rule in [rule for rule in rules_of(rule_file) if "alert" in rule]:
+        outcomes = {fires_in(rule, check) for check in checks if check["alertname"] == rule["alert"]}
+        name = f"{rule['alert']} {rule['labels']}"
+        if True not in outcomes:
+            untested["firing"].append(name)
+        if False not in outcomes:
+            untested["silent"].append(name)
+    assert untested == {"firing": [], "silent": []}
 
 
 def github_anchor(heading: str) -> str:
@@ -190,8 +228,8 @@ def test_every_alert_has_severity_and_a_runbook_section():
         for line in RUNBOOK.read_text().splitlines()
         if re.match(r"#{1,6} ", line)
     }
-    rules = alert_rules()
-    assert len(rules) >= 7
+    rules = every_alert_rule()
+    assert len(alert_rules()) >= 6 and len(slo_alert_rules()) >= 12
     for rule in rules:
         assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
@@ -199,9 +237,17 @@ def test_every_alert_has_severity_and_a_runbook_section():
         path, _, anchor = url.partition("#")
         assert path == "docs/runbook.md", url
         assert anchor in anchors, f"{rule['alert']}: no section #{anchor} in docs/runbook.md"
-    severities = {rule["alert"]: rule["labels"]["severity"] for rule in rules}
-    assert severities["STTErrorRatioHigh"] == "critical"
-    assert severities["STTFinalLatencyHigh"] == "warning"
+    severities = {rule["alert"]: rule["labels"]["severity"] for rule in alert_rules()}
+    assert severities["STTModelNotLoaded"] == "critical"
+    assert severities["STTMemoryHigh"] == "warning"
+    # Each SLO pages (critical) on its fast burns and makes a ticket (warning) of its slow ones.
+    by_slo: dict[str, set[tuple[str, str]]] = {}
+    for rule in slo_alert_rules():
+        by_slo.setdefault(rule["labels"]["slo"], set()).add(
+            (rule["labels"]["long_window"], rule["labels"]["severity"])
+        )
+    expected = {("1h", "critical"), ("6h", "critical"), ("1d", "warning"), ("3d", "warning")}
+    assert by_slo == dict.fromkeys(("availability", "final-latency", "first-result"), expected)
 
 
 # --- Alertmanager ---------------------------------------------------------------------------------
@@ -237,8 +283,8 @@ def test_alertmanager_config_passes_amtool_with_its_example_receivers(tmp_path: 
 def test_alertmanager_matchers_name_real_alerts_severities_and_jobs():
     config = load_yaml(ALERTMANAGER_CONFIG)
     known = {
-        "alertname": {rule["alert"] for rule in alert_rules()},
-        "severity": {rule["labels"]["severity"] for rule in alert_rules()},
+        "alertname": {rule["alert"] for rule in every_alert_rule()},
+        "severity": {rule["labels"]["severity"] for rule in every_alert_rule()},
         "job": {job["job_name"] for job in load_yaml(PROMETHEUS_DIR / "prometheus.yml")["scrape_configs"]},
     }
     matchers = [matcher for route in config["route"]["routes"] for matcher in route["matchers"]]
@@ -283,7 +329,7 @@ def rules_evaluated_since(prometheus: PrometheusProcess, moment: datetime.dateti
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """Engine (--metrics-port, --max-streams 1, the Deployment's resource attributes) scraped every
-    second by Prometheus with the alert rules loaded, after a short fast stream, a real-time stream
+    second by Prometheus with the alert and SLO rules loaded, after a short fast stream, a real-time stream
     and two refused streams."""
     metrics_port = free_port()
     server = ServerProcess(
@@ -302,7 +348,7 @@ def live(tmp_path_factory):
     prometheus = PrometheusProcess(
         {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(ALERTS)],
+            "rule_files": [str(path) for path in RULE_FILES],
             "scrape_configs": [
                 {"job_name": "stt-engine", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
             ],
@@ -372,13 +418,22 @@ def exported_names(metrics_text: str) -> set[str]:
 SYNTHETIC_METRICS = {"up"}
 
 
+def recorded_names() -> set[str]:
+    """Series the rules record (stt:slo_errors:ratio_rate5m, ...): queries may use them too."""
+    return {rule["record"] for rule in recording_rules()}
+
+
 def test_dashboard_and_alerts_use_only_metrics_the_engine_exports(live):
     exported = exported_names(live.metrics_text)
     expressions = [target["expr"] for _, target in dashboard_prometheus_targets()]
-    expressions += [rule["expr"] for rule in alert_rules()]
+    expressions += [rule["expr"] for rule in every_alert_rule() + recording_rules()]
     used = set().union(*(metric_names(grafana_to_promql(expr)) for expr in expressions))
-    assert {"stt_final_latency_seconds_bucket", "rpc_server_call_duration_seconds_count"} <= used
-    unknown = used - exported - SYNTHETIC_METRICS
+    assert {
+        "stt_final_latency_seconds_bucket",
+        "stt_first_interim_latency_seconds_bucket",
+        "rpc_server_call_duration_seconds_count",
+    } <= used
+    unknown = used - exported - SYNTHETIC_METRICS - recorded_names()
     assert not unknown, f"not exported by the engine: {sorted(unknown)}"
 
 
@@ -404,18 +459,35 @@ def test_every_alert_expression_evaluates_on_real_data(live):
         live.query(rule["expr"])  # the whole rule evaluates (status success)
         value = value_expression(rule["expr"])
         assert finite_values(live.query(value)), f"{rule['alert']}: {value} returned no data"
-    # Prometheus itself loaded the rules file and has evaluated every rule without error
+    # Prometheus itself loaded both rule files and has evaluated every rule without error
     # (the fixture waited for an evaluation after the traffic).
     groups = live.api("/api/v1/rules")["data"]["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == len(alert_rules())
+    assert len(rules) == sum(len(rules_of(path)) for path in RULE_FILES)
     assert all(rule["health"] == "ok" for rule in rules), [(r["name"], r.get("lastError")) for r in rules]
-    # Two refused streams in a minute of real traffic: the error-ratio SLO expression sees them.
-    (error_ratio,) = [rule["expr"] for rule in alert_rules() if rule["alert"] == "STTErrorRatioHigh"]
-    ratio = finite_values(live.query(value_expression(error_ratio)))
-    assert ratio and 0 < ratio[0] < 1
     errors = live.query("sum by (stt_error_reason) (stt_errors_total)")
     assert {series["metric"]["stt_error_reason"] for series in errors} == {"STT_TOO_MANY_STREAMS"}
+
+
+def test_every_slo_ratio_is_recorded_from_real_data(live):
+    """Each SLO's error ratio over every window, from the engine's own exposition: the latency
+    SLOs' bucket bounds (le) match what it exports, and its refusals count as server errors."""
+    for rule in recording_rules():
+        slo = rule["labels"]["slo"]
+        values = finite_values(live.query(f'{rule["record"]}{{slo="{slo}"}}'))
+        assert len(values) == 1 and 0 <= values[0] <= 1, (rule["record"], slo, values)
+    # Two refused streams (RESOURCE_EXHAUSTED) among a handful of calls.
+    (availability,) = finite_values(live.query('stt:slo_errors:ratio_rate5m{slo="availability"}'))
+    assert 0 < availability < 1
+    objectives = live.query("stt:slo_objective:ratio")
+    assert {series["metric"]["slo"]: float(series["value"][1]) for series in objectives} == {
+        "availability": 0.995,
+        "final-latency": 0.99,
+        "first-result": 0.95,
+    }
+    # One spelling of the whole bound 1 s (the rules match "1" and "1.0"), and the 1.5 s bound.
+    buckets = live.query(r'count by (le) (stt_first_interim_latency_seconds_bucket{le=~"1|1\\.0|1\\.5"})')
+    assert {series["metric"]["le"] for series in buckets} in ({"1", "1.5"}, {"1.0", "1.5"}), buckets
 
 
 def dockerfile_healthcheck() -> list[str]:

@@ -2,7 +2,7 @@
 
 engine --OTLP/gRPC--> OpenTelemetry Collector (the shipped collector-config.yaml, endpoints set by
 environment, in a collector of the pinned release built by .ci/setup) --> Jaeger v2 (traces),
-its prometheus exporter scraped by Prometheus 2.42 (the shipped prometheus.yml and alert rules,
+its prometheus exporter scraped by Prometheus 2.42 (the shipped prometheus.yml, alert and SLO rules,
 targets and windows shortened) which alerts through Alertmanager 0.25 to a webhook here, and a
 Loki stand-in (an OTLP/HTTP receiver on Loki's /otlp/v1/logs path) for the logs.
 
@@ -55,16 +55,19 @@ from tests.helpers import (
 from tests.otlp_receiver import OtlpHttpReceiver
 from tests.test_deploy import (
     ALERTMANAGER_CONFIG,
-    ALERTS,
     COLLECTOR_CONFIG,
     COLLECTOR_VERSION,
     COMPOSE,
     PROMETHEUS_DIR,
+    RULE_FILES,
     alert_rules,
     dashboard_prometheus_targets,
     finite_values,
     grafana_to_promql,
     load_yaml,
+    recording_rules,
+    rules_of,
+    slo_alert_rules,
     value_expression,
 )
 
@@ -146,17 +149,21 @@ class AlertWebhook:
         self._http.shutdown()
 
 
-def shortened_rules(directory: Path) -> Path:
-    """A test copy of the alert rules with 20 s windows and 1 s `for`, so an alert fires and
-    resolves within the test; the expressions are otherwise the shipped ones."""
-    rules = load_yaml(ALERTS)
-    for group in rules["groups"]:
-        for rule in group["rules"]:
-            rule["expr"] = re.sub(r"\[\d+[smh]\]", "[20s]", rule["expr"])
-            rule["for"] = "1s"
-    path = directory / "alerts.yml"
-    path.write_text(yaml.safe_dump(rules, sort_keys=False))
-    return path
+def shortened_rules(directory: Path) -> list[Path]:
+    """Test copies of the rule files (threshold alerts, SLO rules) with 20 s windows and 1 s `for`,
+    so an alert fires and resolves within the test; the expressions are otherwise the shipped ones."""
+    copies = []
+    for path in RULE_FILES:
+        rules = load_yaml(path)
+        for group in rules["groups"]:
+            for rule in group["rules"]:
+                rule["expr"] = re.sub(r"\[\d+[smhdw]\]", "[20s]", rule["expr"])
+                if "alert" in rule:
+                    rule["for"] = "1s"
+        copy = directory / path.name
+        copy.write_text(yaml.safe_dump(rules, sort_keys=False))
+        copies.append(copy)
+    return copies
 
 
 def shortened_alertmanager_config(url: str) -> dict:
@@ -205,11 +212,12 @@ def jaeger_config(directory: Path, otlp_port: int, query_port: int, health_port:
     return path
 
 
-def prometheus_config(rules: Path, alertmanager: str, exporter: str, telemetry: str) -> dict:
+def prometheus_config(rules: list[Path], alertmanager: str, exporter: str, telemetry: str) -> dict:
     """The shipped prometheus.yml with loopback targets, 1 s scrapes and the test's rules."""
     config = load_yaml(PROMETHEUS_DIR / "prometheus.yml")
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(rules)]
+    assert config["rule_files"] == [path.name for path in RULE_FILES]
+    config["rule_files"] = [str(path) for path in rules]
     config["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": [alertmanager]}]}]}
     loopback = {"otel-collector:8889": exporter, "otel-collector:8888": telemetry}
     jobs = []
@@ -537,12 +545,23 @@ def exposed_names(url: str) -> set[str]:
     return {line.split("{")[0].split(" ")[0] for line in lines}
 
 
-def test_prometheus_answers_every_dashboard_and_alert_query_through_the_collector(stack):
+def test_prometheus_answers_every_dashboard_and_alert_query_through_the_collector(stack, jfk):
     up = stack.prometheus.query('up{job=~"otel-collector.*"}')
     assert {series["metric"]["job"]: series["value"][1] for series in up} == {
         "otel-collector": "1",
         "otel-collector-internal": "1",
     }
+    # A fresh stream, so that the SLO ratios the test's rules record over 20 s windows exist (a
+    # window without events records nothing) when the dashboard queries them.
+    with stack.engine.client() as client:
+        assert final_transcripts(client.stream_audio(jfk[: 4 * 16000], StreamConfig(), realtime=False))
+    slo_series = [f'{rule["record"]}{{slo="{rule["labels"]["slo"]}"}}' for rule in recording_rules()]
+    wait_until(
+        lambda: all(finite_values(stack.prometheus.query(series)) for series in slo_series),
+        30,
+        0.2,
+        "every SLO ratio recorded from the fresh stream",
+    )
     empty = []
     for title, target in dashboard_prometheus_targets():
         expr = grafana_to_promql(target["expr"])
@@ -552,7 +571,18 @@ def test_prometheus_answers_every_dashboard_and_alert_query_through_the_collecto
         stack.prometheus.query(rule["expr"])
         if not finite_values(stack.prometheus.query(value_expression(rule["expr"]))):
             empty.append(f"{rule['alert']}: {value_expression(rule['expr'])}")
+    # The SLO rules as shipped (5m to 3d windows): the buckets they count (le="1.5", le="1" or
+    # "1.0") are the ones the collector's exporter serves.
+    for rule in recording_rules():
+        if not finite_values(stack.prometheus.query(rule["expr"])):
+            empty.append(f"{rule['record']}{{slo={rule['labels']['slo']}}}: {rule['expr']}")
+    for rule in slo_alert_rules():
+        stack.prometheus.query(rule["expr"])  # evaluates; empty while no budget burns
     assert not empty, "no data through the collector:\n" + "\n".join(empty)
+    groups = stack.prometheus.api("/api/v1/rules")["data"]["groups"]
+    loaded = [rule for group in groups for rule in group["rules"]]
+    assert len(loaded) == sum(len(rules_of(path)) for path in RULE_FILES)
+    assert all(rule["health"] == "ok" for rule in loaded), [(r["name"], r.get("lastError")) for r in loaded]
     # The collector's exporter and the engine's own --metrics-port serve the same engine names,
     # so the dashboard works on either (collector-config.yaml promises it).
     through_collector = exposed_names(f"http://{stack.exporter}/metrics")
@@ -632,14 +662,19 @@ def test_the_logs_leg_carries_what_loki_indexes(stack):
 # --- alerts -----------------------------------------------------------------------------------------
 
 
-def test_refused_streams_fire_the_error_ratio_alert_through_alertmanager_and_it_resolves(stack, jfk):
+AVAILABILITY_PAGE = {"alertname": "STTAvailabilityErrorBudgetBurn", "long_window": "1h"}
+
+
+def test_refused_streams_page_on_the_availability_budget_through_alertmanager_and_it_resolves(stack, jfk):
+    """The fast-burn page of the availability SLO (1h and 5m windows, both 20 s here)."""
     webhook = stack.webhook
+    page = ",".join(f'{label}="{value}"' for label, value in AVAILABILITY_PAGE.items())
     # The first traffic's two refusals may have fired it already: start from a quiet state.
     wait_until(
-        lambda: not stack.prometheus.query('ALERTS{alertname="STTErrorRatioHigh"}'),
+        lambda: not stack.prometheus.query(f"ALERTS{{{page}}}"),
         90,
         0.5,
-        "no STTErrorRatioHigh alert pending or firing",
+        "no availability page pending or firing",
     )
     good = BackgroundStream(stack.engine.target, jfk, JFK_TEXT)
     good.wait_started()
@@ -653,19 +688,24 @@ def test_refused_streams_fire_the_error_ratio_alert_through_alertmanager_and_it_
     good.check()
 
     def notified(status: str, since: float) -> list:
-        return [(at, alert) for at, alert in webhook.alerts("STTErrorRatioHigh", status) if at > since]
+        return [
+            (at, alert)
+            for at, alert in webhook.alerts(AVAILABILITY_PAGE["alertname"], status)
+            if at > since and alert["labels"]["long_window"] == AVAILABILITY_PAGE["long_window"]
+        ]
 
-    fired = wait_until(lambda: notified("firing", burst_at), 60, 0.2, "the alert to fire")
+    fired = wait_until(lambda: notified("firing", burst_at), 60, 0.2, "the page to fire")
     fired_at, alert = fired[0]
     resolved = wait_until(lambda: notified("resolved", fired_at), 120, 0.2, "it to resolve")
     resolved_at, _ = resolved[0]
     print(
-        f"STTErrorRatioHigh: burst at {time.strftime('%H:%M:%S', time.gmtime(burst_at))}, "
+        f"availability page: burst at {time.strftime('%H:%M:%S', time.gmtime(burst_at))}, "
         f"fired {alert['startsAt']} (webhook +{fired_at - burst_at:.1f} s), "
         f"resolved {resolved[0][1]['endsAt']} (webhook +{resolved_at - burst_at:.1f} s)"
     )
     assert alert["labels"]["severity"] == "critical"
-    assert alert["annotations"]["runbook_url"] == "docs/runbook.md#stterrorratiohigh"
+    assert alert["labels"]["slo"] == "availability" and alert["labels"]["short_window"] == "5m"
+    assert alert["annotations"]["runbook_url"] == "docs/runbook.md#sttavailabilityerrorbudgetburn"
     assert resolved_at > fired_at
 
 

@@ -12,6 +12,7 @@ from collections import Counter
 import grpc
 import numpy as np
 import pytest
+import yaml
 from faster_whisper.feature_extractor import FeatureExtractor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind
@@ -19,7 +20,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from engine.client import SpeechClient, StreamConfig, audio_requests, final_transcripts
 from engine.options import DecodeOptions
-from tests.helpers import JFK_TEXT, ServerProcess, free_port, paused_jfk, tool, wait_until, wer
+from tests.helpers import JFK_TEXT, REPO, ServerProcess, free_port, paused_jfk, tool, wait_until, wer
 from tests.otlp_receiver import OtlpHttpReceiver, OtlpReceiver
 
 OTLP_SERVER_KIND = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
@@ -494,3 +495,40 @@ def test_latency_exemplars_name_the_streams_and_stay_in_later_exports(traced):
         linked = {exemplar.trace_id.hex() for exemplar in last.exemplars}
         assert linked and linked <= streams, (name, linked)
         assert all(len(exemplar.span_id) == 8 for exemplar in last.exemplars)
+
+
+# The latency SLOs' histograms (deploy/slo/stt-engine.yaml) under their OTel names.
+SLO_HISTOGRAMS = {
+    "stt_final_latency_seconds": "stt.final.latency",
+    "stt_first_interim_latency_seconds": "stt.first_interim.latency",
+}
+
+
+def test_latency_slo_thresholds_are_exported_bucket_bounds(traced):
+    """A latency SLO counts the events of the bucket at its threshold: the exported histogram must
+    have that bound (advisory boundaries, kept by the exemplar View of otel/telemetry.py)."""
+    slo_file = yaml.safe_load((REPO / "deploy" / "slo" / "stt-engine.yaml").read_text())
+    thresholds = {
+        slo["latency"]["histogram"]: slo["latency"]["threshold_seconds"]
+        for slo in slo_file["slos"]
+        if "latency" in slo
+    }
+    assert thresholds == {"stt_final_latency_seconds": 1.5, "stt_first_interim_latency_seconds": 1.0}
+    points = traced["receiver"].metric_points()
+    for histogram, threshold in thresholds.items():
+        for point in points[SLO_HISTOGRAMS[histogram]]:
+            assert {1.0, 1.5, threshold} <= set(point.explicit_bounds), (histogram, point.explicit_bounds)
+
+
+def test_first_result_latency_times_a_final_that_comes_first(traced):
+    """The paused stream has interims off, so each of its utterances' first result is its final:
+    stt.first_interim.latency times it (kind final), as the first-result SLO needs."""
+    points = traced["receiver"].metric_points()["stt.first_interim.latency"]
+    latest = {attributes(point)["stt.result.kind"]: point for point in points}  # cumulative
+    assert set(latest) <= {"interim", "final"} and latest["interim"].count >= 1
+    assert latest["final"].count >= len(traced["paused_finals"]) >= 1
+    # Each utterance that got a final got a first result, once.
+    finals = len(final_transcripts(traced["responses"])) + len(traced["paused_finals"])
+    assert sum(point.count for point in latest.values()) >= finals
+    # Timed from the arrival of the onset's audio (sent faster than real time here).
+    assert 0 < latest["final"].sum / latest["final"].count < 10
