@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.audio import read_audio_file
-from tests.helpers import SAMPLE, Clip, ServerProcess, load_clips
+from tests.helpers import SAMPLE, Clip, ServerProcess, load_clips, serving
 from tests.pki import Pki, make_pki
 
 
@@ -31,7 +31,7 @@ def pki(tmp_path_factory) -> Pki:
 @pytest.fixture(scope="session")
 def server() -> Iterator[ServerProcess]:
     """One shared server with small limits so the limit tests are quick."""
-    proc = ServerProcess(
+    with serving(
         "--max-streams",
         "12",
         "--max-stream-seconds",
@@ -42,13 +42,8 @@ def server() -> Iterator[ServerProcess]:
         "2",
         "--threads",
         "1",
-    )
-    try:
-        proc.wait_ready()
+    ) as proc:
         yield proc
-    finally:
-        code = proc.stop()
-    assert code == 0, proc.log()[-3000:]
 
 
 @pytest.fixture

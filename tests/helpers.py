@@ -14,7 +14,8 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -368,3 +369,15 @@ class PrometheusProcess:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=30)
+
+
+@contextmanager
+def serving(*args: str) -> Iterator[ServerProcess]:
+    """A server started with ``args``, ready; on exit it must stop cleanly (exit code 0)."""
+    proc = ServerProcess(*args)
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.log()[-3000:]

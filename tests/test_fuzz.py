@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from engine.api import stt_pb2
 from engine.errors import ERROR_DOMAIN
-from tests.helpers import ServerProcess
+from tests.helpers import serving
 
 # Statuses a request can earn; anything else (INTERNAL, UNKNOWN, DEADLINE_EXCEEDED from a
 # hang, UNAVAILABLE from a crash) is a defect.
@@ -58,16 +58,11 @@ chunks = st.lists(st.binary(max_size=16_384), max_size=12)
 
 @pytest.fixture(scope="module")
 def fuzzed():
-    proc = ServerProcess(
+    with serving(
         "--max-streams", "8", "--max-chunk-bytes", "16384", "--config-timeout-seconds", "2",
         "--idle-timeout-seconds", "2", "--max-stream-seconds", "20",
-    )  # fmt: skip
-    try:
-        proc.wait_ready()
+    ) as proc:  # fmt: skip
         yield proc
-    finally:
-        code = proc.stop()
-    assert code == 0, proc.log()[-3000:]
 
 
 def check_status(error: grpc.RpcError | None) -> None:

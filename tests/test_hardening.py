@@ -18,7 +18,7 @@ import pytest
 from engine.api import stt_pb2
 from engine.audio import float_to_linear16
 from engine.client import SpeechClient
-from tests.helpers import JFK_TEXT, REPO, wait_until
+from tests.helpers import JFK_TEXT, REPO, serving, wait_until
 from tests.test_errors import (
     assert_error,
     audio_request,
@@ -45,15 +45,8 @@ LIMITS = (
 
 @pytest.fixture(scope="module")
 def hardened():
-    from tests.helpers import ServerProcess
-
-    proc = ServerProcess(*LIMITS)
-    try:
-        proc.wait_ready()
+    with serving(*LIMITS) as proc:
         yield proc
-    finally:
-        code = proc.stop()
-    assert code == 0, proc.log()[-3000:]
 
 
 class HealthWatch:

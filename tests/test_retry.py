@@ -23,6 +23,7 @@ from tests.helpers import (
     REPO,
     ServerProcess,
     assert_retry_after,
+    serving,
     wait_until,
     wer,
 )
@@ -35,13 +36,8 @@ TIMER_SLACK = 0.05
 @pytest.fixture(scope="module")
 def one_slot() -> Iterator[ServerProcess]:
     """A server that takes one stream or Recognize call at a time."""
-    proc = ServerProcess("--max-streams", "1", "--workers", "1", "--threads", "1")
-    try:
-        proc.wait_ready()
+    with serving("--max-streams", "1", "--workers", "1", "--threads", "1") as proc:
         yield proc
-    finally:
-        code = proc.stop()
-    assert code == 0, proc.log()[-3000:]
 
 
 class HeldStream:
