@@ -14,12 +14,12 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
-from otel import Telemetry, TelemetryOptions, configure_logging
+from otel import ClientTelemetry, Telemetry, TelemetryOptions, configure_logging
 
 from . import __version__
 from .api import stt_pb2
 from .audio import read_audio_file
-from .client import SpeechClient, StreamConfig, parse_target, read_token
+from .client import SpeechClient, StreamConfig, parse_target, read_token, wait_finished
 from .options import ModelOptions, ServerOptions, env_default, env_flag
 from .security import SecurityOptions
 
@@ -358,7 +358,7 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", default=e("token_file", None), help="file holding the bearer token")
 
 
-def _client(args: argparse.Namespace, target: str) -> SpeechClient:
+def _client(args: argparse.Namespace, target: str, tracer_provider=None) -> SpeechClient:
     """A client with the security options of the command line (none for the demo)."""
     option = lambda name: getattr(args, name, None)  # noqa: E731 - the demo has no client flags
     return SpeechClient(
@@ -369,6 +369,7 @@ def _client(args: argparse.Namespace, target: str) -> SpeechClient:
         key_file=option("tls_client_key"),
         server_name=option("tls_server_name"),
         token=read_token(option("token"), option("token_file")),
+        tracer_provider=tracer_provider,
     )
 
 
@@ -495,17 +496,25 @@ def transcribe_file(path: str, server: str, args: argparse.Namespace) -> int:
         prompt=args.prompt,
     )
     printer = _Printer(args.format)
-    with _client(args, server) as client:
-        call = client.stream_audio(audio, config, chunk_ms=args.chunk_ms, realtime=not args.fast)
-        try:
-            trace_id = dict(call.initial_metadata()).get("x-trace-id")
-            if trace_id:
-                print(f"trace id: {trace_id}", file=sys.stderr, flush=True)
-            for response in call:
-                printer.response(response)
-        except grpc.RpcError as error:
-            print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
+    # The command's own CLIENT span (service.name=stt-engine-cli) when OTEL_* configures an
+    # exporter: the server's span is then its child, in the trace whose id is printed.
+    tracing = ClientTelemetry.from_env(__version__)
+    try:
+        with _client(args, server, tracing.tracer_provider) as client:
+            call = client.stream_audio(audio, config, chunk_ms=args.chunk_ms, realtime=not args.fast)
+            try:
+                trace_id = dict(call.initial_metadata()).get("x-trace-id")
+                if trace_id:
+                    print(f"trace id: {trace_id}", file=sys.stderr, flush=True)
+                for response in call:
+                    printer.response(response)
+            except grpc.RpcError as error:
+                print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+                return 1
+            finally:
+                wait_finished(call)  # the client span has ended before it is exported
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from otel import traced_channel
 
 from .api import SERVICE_NAME, stt_pb2, stt_pb2_grpc
 from .audio import float_to_linear16
@@ -188,6 +191,12 @@ class SpeechClient:
 
     ``Recognize`` and ``GetServerInfo`` are retried as RETRY_SERVICE_CONFIG says unless
     ``retries`` is False; streams never are.
+
+    Every call but health checks is traced by opentelemetry-instrumentation-grpc's client
+    interceptor (``otel.traced_channel``): a CLIENT span from ``tracer_provider`` (default:
+    the process's global provider, so an application's own SDK and current span apply), whose
+    ``traceparent`` makes the server's span its child. Without an SDK nothing is recorded, and
+    only a current span's context (if there is one) is passed on.
     """
 
     def __init__(
@@ -201,6 +210,7 @@ class SpeechClient:
         server_name: str | None = None,
         token: str | None = None,
         retries: bool = True,
+        tracer_provider=None,
     ) -> None:
         self.target = target
         parsed = parse_target(target)
@@ -218,9 +228,10 @@ class SpeechClient:
             )
             if server_name:
                 options.append(("grpc.ssl_target_name_override", server_name))
-            self.channel = grpc.secure_channel(parsed.uri, credentials, options=options)
+            channel = grpc.secure_channel(parsed.uri, credentials, options=options)
         else:
-            self.channel = grpc.insecure_channel(parsed.uri, options=options)
+            channel = grpc.insecure_channel(parsed.uri, options=options)
+        self.channel = traced_channel(channel, tracer_provider)
         # Plain metadata rather than call credentials: gRPC sends those only over TLS, and a
         # token over plaintext is legitimate behind a TLS-terminating proxy or mesh.
         self._auth = [("authorization", f"Bearer {token}")] if token else []
@@ -304,6 +315,14 @@ class SpeechClient:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.target} did not report SERVING within {timeout:g} s")
             time.sleep(0.05)
+
+
+def wait_finished(call: grpc.Future, timeout: float = 5) -> bool:
+    """Waits until ``call`` has ended and run its done callbacks (the client span's end among
+    them: it is the first one added). Its responses may all be read before they run."""
+    finished = threading.Event()
+    call.add_done_callback(lambda _call: finished.set())
+    return finished.wait(timeout)
 
 
 def final_transcripts(responses: Iterable[stt_pb2.StreamingRecognizeResponse]) -> list[str]:

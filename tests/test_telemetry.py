@@ -62,34 +62,36 @@ def traced(jfk):
     try:
         server.wait_ready()
         tracer = TracerProvider().get_tracer("test-client")
-        with tracer.start_as_current_span("client stream", kind=SpanKind.CLIENT) as client_span:
-            carrier: dict[str, str] = {}
-            TraceContextTextMapPropagator().inject(carrier)
-            sent = []
+        sent = []
 
-            def requests():
-                yield StreamConfig().first_request()
-                for request in audio_requests(jfk, 100, realtime=True):
-                    sent.append(request)
-                    yield request
+        def requests():
+            yield StreamConfig().first_request()
+            for request in audio_requests(jfk, 100, realtime=True):
+                sent.append(request)
+                yield request
 
-            with SpeechClient(server.target) as client:
+        with SpeechClient(server.target) as client:
+            # Only this stream runs under the client span: the instrumented client passes the
+            # current span on to every call (otel/client.py), and the others are traces of their own.
+            with tracer.start_as_current_span("client stream", kind=SpanKind.CLIENT) as client_span:
+                carrier: dict[str, str] = {}
+                TraceContextTextMapPropagator().inject(carrier)
                 call = client.stream(requests(), metadata=list(carrier.items()))
                 responses = list(call)
                 response_metadata = dict(call.initial_metadata())
-                # A bad stream, for the error span, log and metrics.
-                with pytest.raises(grpc.RpcError):
-                    list(client.stream([StreamConfig(language_code="de").first_request()]))
-                paused = client.stream_audio(
-                    paused_jfk(jfk),
-                    StreamConfig(silence_duration_ms=3000, interim_results=False),
-                    realtime=False,
-                )
-                paused_finals = final_transcripts(paused)
-                paused_trace_id = dict(paused.initial_metadata())["x-trace-id"]
-                recognized = client.recognize(jfk)
-                client.server_info()
-                assert client.health() == "SERVING" and client.health("stt.v1.Speech") == "SERVING"
+            # A bad stream, for the error span, log and metrics.
+            with pytest.raises(grpc.RpcError):
+                list(client.stream([StreamConfig(language_code="de").first_request()]))
+            paused = client.stream_audio(
+                paused_jfk(jfk),
+                StreamConfig(silence_duration_ms=3000, interim_results=False),
+                realtime=False,
+            )
+            paused_finals = final_transcripts(paused)
+            paused_trace_id = dict(paused.initial_metadata())["x-trace-id"]
+            recognized = client.recognize(jfk)
+            client.server_info()
+            assert client.health() == "SERVING" and client.health("stt.v1.Speech") == "SERVING"
             listed = subprocess.run(
                 [tool("grpcurl"), "-plaintext", server.target, "list"], capture_output=True, timeout=30
             )
