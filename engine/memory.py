@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 def _releaser():
     """The call that returns free heap pages to the OS, and the allocator's name."""
-    # With jemalloc preloaded (the Docker image does) malloc is jemalloc's, and glibc's
+    # With jemalloc preloaded (LD_PRELOAD=libjemalloc.so.2) malloc is jemalloc's, and glibc's
     # malloc_trim would trim only glibc's own, empty heap. jemalloc exports mallctl into the
     # global namespace; purging every arena (MALLCTL_ARENAS_ALL = 4096) is its malloc_trim.
     mallctl = getattr(ctypes.CDLL(None), "mallctl", None)

@@ -409,11 +409,19 @@ class InterimWindow:
     def __init__(self, window_seconds: float) -> None:
         self.window_seconds = window_seconds
         self.agreement = LocalAgreement()
-        self.start = 0.0  # offset of the window in the utterance's audio
-        self._words_before = 0  # stable words spoken before the window
         self.transcript = ""  # the latest interim transcript of the whole utterance
         # Every move: (offset in the utterance's audio, stable words spoken before it).
         self.moves: list[tuple[float, int]] = []
+
+    @property
+    def start(self) -> float:
+        """Offset of the window in the utterance's audio."""
+        return self.moves[-1][0] if self.moves else 0.0
+
+    @property
+    def _words_before(self) -> int:
+        """Stable words spoken before the window."""
+        return self.moves[-1][1] if self.moves else 0
 
     @property
     def stable_text(self) -> str:
@@ -442,9 +450,7 @@ class InterimWindow:
         movable = len(self.agreement.stable_words) - self._words_before
         # Words and text must correspond one to one to know where the stable ones end.
         if words and movable > 0 and len(words) == len(text.split()):
-            self.start += words[movable - 1].end
-            self._words_before += movable
-            self.moves.append((self.start, self._words_before))
+            self.moves.append((self.start + words[movable - 1].end, self._words_before + movable))
         self.transcript = transcript
         return transcript, stability
 

@@ -23,6 +23,7 @@ import time
 import grpc
 
 from .options import TelemetryOptions
+from .telemetry import resource_from_env, span_exporter
 
 logger = logging.getLogger(__name__)
 
@@ -67,25 +68,14 @@ class ClientTelemetry:
         return cls(TelemetryOptions.from_env(), service_version)
 
     def _provider(self, service_version: str):
-        from opentelemetry.sdk.resources import OTELResourceDetector, Resource
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        attributes = {"service.name": CLI_SERVICE_NAME, "service.version": service_version}
-        # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the defaults, as for the server.
-        resource = Resource.create(attributes).merge(OTELResourceDetector().detect())
+        resource = resource_from_env({"service.name": CLI_SERVICE_NAME, "service.version": service_version})
         provider = TracerProvider(resource=resource)
-        if self.options.traces_exporter == "console":
-            exporter = ConsoleSpanExporter(out=sys.stderr)  # stdout carries the transcript
-        elif self.options.protocol.startswith("http"):
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter()
-        else:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter()
-        provider.add_span_processor(BatchSpanProcessor(exporter))
+        exporter = span_exporter(self.options, console_out=sys.stderr)  # stdout: the transcript
+        if exporter is not None:
+            provider.add_span_processor(BatchSpanProcessor(exporter))
         return provider
 
     def shutdown(self, timeout: float = 5.0) -> None:

@@ -63,6 +63,30 @@ MAX_DECODE_LINKS = 100
 RECENT_CHUNKS = 600  # chunk span contexts kept for decode links (60 s at 100 ms)
 
 
+def resource_from_env(attributes: dict[str, Any]):
+    """The SDK resource: ``attributes``, overridden by OTEL_SERVICE_NAME and
+    OTEL_RESOURCE_ATTRIBUTES."""
+    from opentelemetry.sdk.resources import OTELResourceDetector, Resource
+
+    return Resource.create(attributes).merge(OTELResourceDetector().detect())
+
+
+def span_exporter(options: TelemetryOptions, console_out=None):
+    """The span exporter ``OTEL_TRACES_EXPORTER`` names: OTLP over ``OTEL_EXPORTER_OTLP_PROTOCOL``,
+    or the console (``console_out``, default stdout); None for any other value."""
+    if options.traces_exporter == "console":
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        return ConsoleSpanExporter() if console_out is None else ConsoleSpanExporter(out=console_out)
+    if options.traces_exporter != "otlp":
+        return None
+    if options.protocol.startswith("http"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    return OTLPSpanExporter()
+
+
 def _duplicate_old_rpc_names() -> bool:
     return "rpc/dup" in os.environ.get("OTEL_SEMCONV_STABILITY_OPT_IN", "")
 
@@ -90,8 +114,6 @@ class Telemetry:
 
     # -- setup -------------------------------------------------------------------------------
     def _resource(self, model_name: str | None = None):
-        from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-
         attributes = {
             "service.name": "stt-engine",
             "service.version": self.service_version,
@@ -102,8 +124,7 @@ class Telemetry:
         }
         if model_name:
             attributes["stt.model.name"] = model_name
-        # OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over our defaults.
-        return Resource.create(attributes).merge(OTELResourceDetector().detect())
+        return resource_from_env(attributes)
 
     def _start_sdk(self) -> None:
         from opentelemetry.sdk._logs import LoggerProvider
@@ -115,7 +136,7 @@ class Telemetry:
         )
         from opentelemetry.sdk.metrics.view import View
         from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         from .exemplars import sticky_exemplar_reservoirs
 
@@ -124,14 +145,9 @@ class Telemetry:
         http = options.protocol.startswith("http")
 
         self._tracer_provider = TracerProvider(resource=resource)
-        if options.traces_exporter == "otlp":
-            if http:
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-            else:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            self._tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        elif options.traces_exporter == "console":
-            self._tracer_provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
+        exporter = span_exporter(options)
+        if exporter is not None:
+            self._tracer_provider.add_span_processor(BatchSpanProcessor(exporter))
 
         readers = []
         if options.metrics_exporter == "otlp":
