@@ -186,8 +186,17 @@ def printed_trace_id(result: subprocess.CompletedProcess) -> str:
 def test_cli_exports_its_span_in_the_trace_it_prints(exporting_server, receiver):
     result = transcribe(exporting_server.target, {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint})
     trace_id = printed_trace_id(result)
-    receiver.wait_for(lambda: len(trace_spans(receiver, trace_id)) > JFK_CHUNKS)
+
+    def cli_and_server_spans() -> bool:
+        # The server's span ends last, after its chunk spans may already be exported.
+        spans = trace_spans(receiver, trace_id)
+        return any(service == "stt-engine-cli" for service, _ in spans) and any(
+            s.name == STREAMING and s.kind == OTLP_SERVER_KIND for _, s in spans
+        )
+
+    receiver.wait_for(cli_and_server_spans)
     spans = trace_spans(receiver, trace_id)
+    assert len(spans) > JFK_CHUNKS
     (cli_span,) = [s for service, s in spans if service == "stt-engine-cli"]
     assert cli_span.kind == OTLP_CLIENT_KIND and cli_span.name == f"/{STREAMING}"
     assert not cli_span.parent_span_id
