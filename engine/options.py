@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 TARGET_SAMPLE_RATE = 16000
@@ -228,13 +227,3 @@ class ServerOptions:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     memory_release_seconds: float = 10.0
     max_connection_age_seconds: float = 0.0
-
-
-def env_default(name: str, default: str) -> str:
-    """Reads ``STT_<NAME>`` from the environment, falling back to ``default``."""
-    return os.environ.get("STT_" + name.upper(), default)
-
-
-def env_flag(name: str) -> bool:
-    """Whether ``STT_<NAME>`` is set to a true value (1, true, yes, on)."""
-    return env_default(name, "false").strip().lower() in ("1", "true", "yes", "on")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 
 import grpc
@@ -229,6 +230,49 @@ class SttServer:
         await self._stopped.wait()
 
 
+def _cannot_listen(address: str) -> str | None:
+    """Why ``address`` (HOST:PORT) cannot be listened on, found by binding it as gRPC would;
+    None when it can be, or when this cannot tell (then gRPC finds out).
+
+    gRPC core writes its own raw line to stderr (``E... add_port.cc:83] Failed to add port``)
+    when a bind fails, whatever Python does after, and reads ``GRPC_VERBOSITY`` only once, at
+    start: the one way to a single clear line is not to let its bind fail."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return None  # port 0 always binds
+    try:
+        resolved = socket.getaddrinfo(
+            host.strip("[]") or None, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError):
+        return None
+    problems = []
+    for family, kind, proto, _, sockaddr in resolved:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC's listener: SO_REUSEADDR on, SO_REUSEPORT off (grpc.so_reuseport 0).
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                problems.append((exc.strerror or str(exc)).lower())
+                continue
+        return None  # gRPC listens when any resolved address binds
+    return problems[0] if problems else None
+
+
+def _listen_problem(options: ServerOptions, security: SecurityOptions | None) -> str | None:
+    """``ADDRESS: why`` for the first listen address that cannot be bound, before gRPC tries.
+    Should another process take a port after this, gRPC's own line comes first after all."""
+    listeners = [(options.address, options.address)]
+    if security is not None and security.health_address:
+        listeners.append((security.health_address, f"{security.health_address} (--health-address)"))
+    for address, named in listeners:
+        reason = _cannot_listen(address)
+        if reason:
+            return f"{named}: {reason}"
+    return None
+
+
 async def serve(
     options: ServerOptions,
     model_options: ModelOptions,
@@ -238,10 +282,14 @@ async def serve(
     """Runs a server until SIGTERM or SIGINT, then drains, flushes telemetry and exits."""
     server = SttServer(options, model_options, telemetry, security)
     logger.info(telemetry.describe())
+    problem = _listen_problem(options, security)
     try:
-        await server.start()
-    except RuntimeError as exc:  # the port is taken or the address is not ours
-        logger.error("cannot listen on %s: %s", options.address, " ".join(str(exc).split()))
+        if problem is None:
+            await server.start()
+    except RuntimeError as exc:  # the port was taken since, or the address is not ours
+        problem = f"{options.address}: {' '.join(str(exc).split())}"
+    if problem:
+        logger.error("cannot listen on %s", problem)
         await asyncio.to_thread(telemetry.shutdown)
         raise SystemExit(1) from None
     loop = asyncio.get_running_loop()

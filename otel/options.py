@@ -5,6 +5,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def parse_log_level(text: str) -> str:
+    """A log level name in capitals, from any case (``WARN`` too); ValueError for anything else,
+    which ``logging`` would silently take as INFO."""
+    level = text.strip().upper()
+    level = "WARNING" if level == "WARN" else level
+    if level not in LOG_LEVELS:
+        raise ValueError(f"{text!r} is not a log level: {', '.join(LOG_LEVELS)}")
+    return level
+
 
 def _env_bool(name: str, default: bool = False) -> bool:
     value = os.environ.get(name)
@@ -27,7 +39,7 @@ class TelemetryOptions:
             instruments (for users without a collector).
         metrics_host: address the Prometheus endpoint binds.
         log_format: console log format, ``text`` (human-readable) or ``json`` (one object a line).
-        log_level: root log level.
+        log_level: root log level, one of ``LOG_LEVELS``.
         record_transcripts: put transcript text on decode spans and logs. User data, so off
             unless ``STT_TELEMETRY_RECORD_TRANSCRIPTS=true``.
         chunk_spans: ``all`` (a span per audio chunk), ``speech`` (only chunks inside an
@@ -51,8 +63,14 @@ class TelemetryOptions:
     max_chunk_spans: int = 3000
     system_metrics: bool = True
 
+    def __post_init__(self) -> None:
+        parse_log_level(self.log_level)  # a bad level must not pass as INFO
+
     @classmethod
     def from_env(cls, **overrides) -> TelemetryOptions:
+        """The OTEL_* variables and the STT_* ones that no flag has. The flags' own variables
+        (``STT_LOG_LEVEL``, ``STT_METRICS_PORT``...) are read and validated with the flags
+        (engine/flags.py), which pass their values as ``overrides``."""
         env = os.environ.get
         options = cls(
             enabled=not _env_bool("OTEL_SDK_DISABLED"),
@@ -60,12 +78,8 @@ class TelemetryOptions:
             metrics_exporter=env("OTEL_METRICS_EXPORTER", "otlp").split(",")[0].strip(),
             logs_exporter=env("OTEL_LOGS_EXPORTER", "otlp").split(",")[0].strip(),
             protocol=env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc").strip(),
-            log_format=env("STT_LOG_FORMAT", "text"),
-            log_level=env("STT_LOG_LEVEL", "INFO"),
             record_transcripts=_env_bool("STT_TELEMETRY_RECORD_TRANSCRIPTS"),
-            chunk_spans=env("STT_TRACE_CHUNKS", "all"),
             max_chunk_spans=int(env("STT_TRACE_MAX_CHUNK_SPANS", "3000")),
-            metrics_port=int(env("STT_METRICS_PORT")) if env("STT_METRICS_PORT") else None,
         )
         return options.replace(**{k: v for k, v in overrides.items() if v is not None})
 

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import re
 import subprocess
 import sys
 
 import pytest
 
-from engine.cli import build_parser
 from tests.helpers import JFK_TEXT, REPO, SAMPLE, ffmpeg, wer
+from tests.test_errors import check_unaffected, start_good_stream
+from tests.test_hardening import HealthWatch
 
 
 def stt_engine(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -70,36 +71,41 @@ def test_demo_streams_the_bundled_sample():
     assert wer([JFK_TEXT], [" ".join(finals)]) < 0.1, result.stdout
 
 
-def serve_options() -> list[argparse.Action]:
-    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
-    return [a for a in commands.choices["serve"]._actions if a.option_strings and a.dest != "help"]
+def error_lines(stderr: str) -> list[str]:
+    """Lines at ERROR or above, whoever wrote them: our log records, gRPC core's own
+    (``E1203 10:32:24.997328 24232 add_port.cc:83] ...``), argparse's and tracebacks."""
+    grpc_core = re.compile(r"^[EF]\d{4} ")
+    ours = re.compile(r" (ERROR|CRITICAL) ")
+    return [
+        line
+        for line in stderr.splitlines()
+        if grpc_core.match(line) or ours.search(line) or "error:" in line or line.startswith("Traceback")
+    ]
 
 
-def env_sample(action: argparse.Action) -> tuple[str, object]:
-    """A value for the flag's variable, unlike its default, and what the flag should become."""
-    if action.choices:
-        choice = next(c for c in action.choices if c != action.default)
-        return choice, choice
-    if action.const is True:  # store_true
-        return "true", True
-    kind = getattr(action.type, "__name__", None)  # range-checked int and float types
-    if kind in ("int", "float"):
-        default = action.type(action.default) if isinstance(action.default, str) else action.default or 0
-        value = default + (1 if kind == "int" else 0.5)
-        return str(value), value
-    if action.dest == "address":
-        return "127.0.0.1:7", None
-    return "DEBUG" if action.dest == "log_level" else "/models/custom", None
-
-
-@pytest.mark.parametrize("option", [a.option_strings[0] for a in serve_options()])
-def test_every_serve_flag_reads_its_env_variable(option, monkeypatch):
-    (action,) = [a for a in serve_options() if a.option_strings[0] == option]
-    variable = "STT_" + option[2:].upper().replace("-", "_")
-    raw, expected = env_sample(action)
-    monkeypatch.setenv(variable, raw)
-    args = build_parser().parse_args(["serve"])  # defaults are read when the parser is built
-    assert getattr(args, action.dest) == (raw if expected is None else expected)
-    # ...and the README's server configuration table documents the pair.
-    readme = (REPO / "README.md").read_text()
-    assert re.search(rf"^\| `{re.escape(option)}` \| `{variable}` \|", readme, re.M), (option, variable)
+@pytest.mark.parametrize("listener", ["--address", "--health-address"])
+def test_a_port_in_use_is_one_error_line(listener, server, jfk):
+    """A second server started on the port of a running one says so in one line, ours, and
+    exits 1, while the running server serves on: its good stream and its health undisturbed."""
+    good = start_good_stream(server, jfk, JFK_TEXT)
+    watch = HealthWatch(server.target)
+    address = ["--address", server.target] if listener == "--address" else ["--address", "127.0.0.1:0"]
+    if listener == "--health-address":
+        address += ["--health-address", server.target]
+    result = subprocess.run(
+        [sys.executable, "-m", "engine", "serve", *address],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "OTEL_SDK_DISABLED": "true"},
+    )
+    assert result.returncode == 1, result.stderr
+    errors = error_lines(result.stderr)
+    named = f"{server.target} (--health-address)" if listener == "--health-address" else server.target
+    assert len(errors) == 1, result.stderr
+    assert errors[0].endswith(f"cannot listen on {named}: address already in use"), result.stderr
+    assert "Traceback" not in result.stderr
+    watch.check()
+    check_unaffected(server, good)
+    assert good.last_final_after_audio is not None and good.last_final_after_audio < 2.0
