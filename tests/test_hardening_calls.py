@@ -345,15 +345,15 @@ def test_cancelled_recognize_calls_stop_their_work(open_server, jfk):
     assert busy < 0.6, f"the server kept {busy:.2f} cores busy after the last cancel"
 
 
-def _send_400(server, request: bytes) -> list[tuple[grpc.StatusCode, str | None]]:
-    """400 Recognize calls of 16 MB from 16 threads; their statuses and reasons."""
+def _send_400(server, request: bytes, method: str = "Recognize") -> list[tuple[grpc.StatusCode, str | None]]:
+    """400 calls of 16 MB from 16 threads; their statuses and reasons."""
     codes: list[tuple[grpc.StatusCode, str | None]] = []
 
     def send(channel: grpc.Channel) -> None:
-        recognize = raw_unary(channel, "Recognize")
+        call = raw_unary(channel, method)
         for _ in range(25):
             try:
-                recognize(request, timeout=60)
+                call(request, timeout=60)
                 codes.append((grpc.StatusCode.OK, None))
             except grpc.RpcError as error:
                 codes.append((error.code(), error_reason(_status(error))))
@@ -369,19 +369,22 @@ def _send_400(server, request: bytes) -> list[tuple[grpc.StatusCode, str | None]
     return codes
 
 
-def test_refused_large_recognize_calls_are_freed_unauthenticated(auth_server, jfk):
-    # Before: 400 refused 16 MB calls without a token took the server to 1.82 GB.
+def test_refused_large_unary_calls_are_freed_unauthenticated(auth_server, jfk):
+    # Before: 400 refused 16 MB Recognize calls without a token took the server to 1.82 GB
+    # (3 GB here).
     request = recognize_bytes(b"\0" * (16 * MB - 1024))
     with guarded(auth_server, jfk, "good"):
         reset_peak_rss(auth_server)
-        codes = _send_400(auth_server, request)
-        peak = peak_rss_mb(auth_server)
-        assert peak < 800, f"the server's RSS peaked at {peak:.0f} MB"
-        assert codes == [(grpc.StatusCode.UNAUTHENTICATED, "STT_UNAUTHENTICATED")] * 400, set(codes)
+        # The same bytes are a GetServerInfoRequest with 16 MB of unknown fields.
+        for method in ("Recognize", "GetServerInfo"):
+            codes = _send_400(auth_server, request, method)
+            peak = peak_rss_mb(auth_server)
+            assert peak < 800, f"{method}: the server's RSS peaked at {peak:.0f} MB"
+            assert codes == [(grpc.StatusCode.UNAUTHENTICATED, "STT_UNAUTHENTICATED")] * 400, set(codes)
 
 
 def test_refused_large_recognize_calls_are_freed_at_capacity(open_server, jfk):
-    # Before: refused for capacity, the same 400 calls took the server to 1.91 GB.
+    # Before: refused for capacity, the same 400 calls took the server to 1.91 GB (2.5 GB here).
     request = recognize_bytes(b"\0" * (16 * MB - 1024))
     release = threading.Event()
 
