@@ -45,7 +45,8 @@ class SecurityOptions:
             call needs ``authorization: Bearer <token>`` matching one of them.
         allowed_identities: when non-empty, only these identities may call (others get
             PERMISSION_DENIED).
-        max_streams_per_identity: concurrent streams one identity may hold (0: no limit).
+        max_streams_per_identity: concurrent streams and Recognize calls one identity may hold
+            (0: no limit).
         health_address: a plaintext listener serving only grpc.health.v1, for probes that
             cannot speak TLS (Kubernetes' native gRPC probe).
     """
@@ -216,7 +217,7 @@ def _certificate_names(context: grpc.aio.ServicerContext) -> list[str]:
 
 
 class Guard:
-    """Authentication, authorisation and per-identity stream limits for the Speech methods.
+    """Authentication, authorisation and per-identity slot limits for the Speech methods.
     With no authentication configured it admits every call, as before."""
 
     def __init__(self, options: SecurityOptions | None = None) -> None:
@@ -252,21 +253,23 @@ class Guard:
             return permitted[0]
         return candidates[0]
 
-    def check(self, context: grpc.aio.ServicerContext, call: CallTelemetry, stream: bool = False) -> None:
-        """Authenticates the call, records the identity on it and, for a stream, takes one of
-        the identity's stream slots until the RPC ends. Raises SttError."""
+    def check(self, context: grpc.aio.ServicerContext, call: CallTelemetry, holds_slot: bool = False) -> None:
+        """Authenticates the call, records the identity on it and, for a call that holds one of
+        the server's slots (a stream or a Recognize call), takes one of the identity's until the
+        RPC ends. Raises SttError."""
         identity = self.identify(context)
         if identity is None:
             return
         call.authenticated(identity)
         limit = self.options.max_streams_per_identity
-        if not stream or not limit:
+        if not holds_slot or not limit:
             return
         if self.streams[identity] >= limit:
             raise retryable(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "STT_TOO_MANY_STREAMS_FOR_IDENTITY",
-                f"identity {identity[:128]!r} already has {limit} concurrent streams, its limit",
+                f"identity {identity[:128]!r} already has {limit} concurrent streams and Recognize "
+                "calls, its limit",
             )
         self.streams[identity] += 1
         context.add_done_callback(lambda _context: self._release(identity))

@@ -21,14 +21,13 @@ from grpc_reflection.v1alpha import reflection
 from otel import Telemetry, TelemetryOptions
 
 from . import __version__
-from .api import stt_pb2_grpc
 from .errors import SttError
 from .memory import can_release_memory, release_periodically
 from .model import SpeechModel
 from .options import ModelOptions, ServerOptions
 from .scheduler import InferenceScheduler
 from .security import Guard, ReloadingCertificates, SecurityOptions
-from .service import SERVICE_NAME, SpeechService
+from .service import SERVICE_NAME, SpeechService, add_speech_service
 from .vad import load_vad_model
 
 logger = logging.getLogger(__name__)
@@ -81,7 +80,8 @@ class SttServer:
             # (max_stream_seconds bounds them).
             options.append(("grpc.max_connection_age_ms", int(max_age * 1000)))
         self._server = grpc.aio.server(options=options)
-        stt_pb2_grpc.add_SpeechServicer_to_server(self.service, self._server)
+        # Unparseable requests reach the service as MalformedRequest (INVALID_ARGUMENT).
+        add_speech_service(self.service, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server

@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
-import numpy as np
 from google.protobuf import duration_pb2
 
 from .api import stt_pb2
@@ -50,7 +49,7 @@ from .scheduler import InferenceScheduler, StaleInterim
 from .settings import RecognitionSettings, recognition_settings
 
 if TYPE_CHECKING:
-    from otel import CallTelemetry, StreamTelemetry
+    from otel import StreamTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -557,51 +556,3 @@ class StreamSession:
                     "STT_DECODE_FAILED",
                     "decoding an utterance failed on the server",
                 )
-
-
-async def recognize(
-    audio_content: bytes,
-    settings: RecognitionSettings,
-    model: SpeechModel,
-    scheduler: InferenceScheduler,
-    telemetry: CallTelemetry,
-    max_seconds: float,
-) -> stt_pb2.RecognizeResponse:
-    """Unary recognition: segment the whole buffer, decode every utterance."""
-    decoder = AudioDecoder(settings.encoding, settings.sample_rate, settings.channels)
-    seconds = decoder.seconds(len(audio_content))
-    if seconds > max_seconds:
-        raise out_of_range(
-            "STT_AUDIO_TOO_LONG",
-            f"audio_content holds {seconds:.1f} s of audio; Recognize takes at most {max_seconds:g} s "
-            "(stream longer audio with StreamingRecognize)",
-            "audio_content",
-        )
-    # The whole buffer is here: every endpoint is certain, nothing to speculate on.
-    recognizer = StreamingRecognizer(dataclasses.replace(settings.streaming, speculative_final_ms=0))
-
-    def segment() -> list[UtteranceEnded]:
-        samples = np.concatenate([decoder.decode(audio_content), decoder.flush()])
-        return [e for e in recognizer.accept(samples) + recognizer.finish() if isinstance(e, UtteranceEnded)]
-
-    # Minutes of audio take seconds to decode and segment: not on the event loop, which
-    # serves every stream and the health checks.
-    events = await asyncio.to_thread(segment)
-    # One after another, each conditioned on the finals before it, as offline Whisper does.
-    context = SpokenContext()
-    response = stt_pb2.RecognizeResponse(total_billed_time=duration(seconds))
-    for event in events:
-        request = DecodeRequest(
-            final=True,
-            language=settings.language,
-            prompt=settings.prompt,
-            context=context.text,
-            word_timestamps=settings.word_time_offsets,
-            alternatives=settings.alternatives,
-        )
-        observer = telemetry.decode("final", event.utterance_index, event.start, event.end)
-        hypothesis = await scheduler.decode(event.audio, request, observer)
-        context.add(hypothesis)
-        if hypothesis.is_speech:
-            response.results.append(final_result(hypothesis, event, settings))
-    return response

@@ -6,6 +6,7 @@ Every rejection names the offending field and value, with a stable reason.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 
 from .api import stt_pb2
@@ -20,6 +21,11 @@ MAX_ALTERNATIVES = 5
 # 500 characters of English; a longer prompt is cut, and one of megabytes would be
 # tokenized again on every decode.
 MAX_PROMPT_CHARS = 1000
+# A BCP-47 tag as clients send them (``en``, ``en-US``, ``zh-Hant-TW``; ``en_US`` too): the
+# whole tag is checked, not only its language, so that nothing unbounded rides along in it.
+# 35 characters is the length BCP-47 asks every implementation to accept.
+LANGUAGE_TAG = re.compile(r"[A-Za-z]{2,3}(?:[-_][A-Za-z0-9]{1,8})*")
+MAX_LANGUAGE_TAG_CHARS = 35
 
 
 @dataclass(frozen=True)
@@ -141,9 +147,16 @@ def recognition_settings(
 def _language(code: str, model: SpeechModel, field: str) -> str | None:
     if not code:
         return None if model.multilingual else "en"
-    primary = code.split("-")[0].split("_")[0].lower()
+    supported = ", ".join(model.languages[:10]) + ("..." if len(model.languages) > 10 else "")
+    if len(code) > MAX_LANGUAGE_TAG_CHARS or not LANGUAGE_TAG.fullmatch(code):
+        raise invalid_argument(
+            "STT_LANGUAGE_UNSUPPORTED",
+            f"{field}={shown(code)} is not a language tag such as 'en' or 'en-US' (at most "
+            f"{MAX_LANGUAGE_TAG_CHARS} characters); model {model.name!r} supports: {supported}",
+            field,
+        )
+    primary = re.split("[-_]", code, maxsplit=1)[0].lower()
     if not model.supports_language(primary):
-        supported = ", ".join(model.languages[:10]) + ("..." if len(model.languages) > 10 else "")
         raise invalid_argument(
             "STT_LANGUAGE_UNSUPPORTED",
             f"{field}={shown(code)} is not supported by model {model.name!r} (supports: {supported})",

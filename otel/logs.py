@@ -15,6 +15,38 @@ import time
 from opentelemetry import trace
 
 _EXPORT_LOGGERS = ("opentelemetry.exporter", "opentelemetry.sdk")
+# The longest message a log record may carry, whoever logged it. The engine quotes client
+# strings cut to 40 characters (engine.errors.shown), but libraries quote them whole: the
+# OpenTelemetry API logged an 8 KB tracestate header in one WARNING line.
+MAX_MESSAGE_CHARS = 1000
+
+
+def _cut(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+class BoundedMessage(logging.Filter):
+    """Cuts every record's rendered message to ``MAX_MESSAGE_CHARS`` (saying how long it was),
+    so no client value makes a long log line, whichever library logs it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a bad format string: the handler reports it
+            return True
+        if len(message) > MAX_MESSAGE_CHARS:
+            record.msg, record.args = _cut(message), None
+        return True
+
+
+class _BoundedTraceback:
+    """A traceback's lines are cut too: an exception's text may quote a client value."""
+
+    def formatException(self, ei) -> str:  # noqa: N802 - logging.Formatter's name
+        text = super().formatException(ei)  # type: ignore[misc]
+        return "\n".join(_cut(line) for line in text.splitlines())
 
 
 class TraceContextFilter(logging.Filter):
@@ -30,7 +62,7 @@ class TraceContextFilter(logging.Filter):
         return True
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_BoundedTraceback, logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -40,7 +72,7 @@ class TextFormatter(logging.Formatter):
         return f"{line} trace_id={trace_id}" if trace_id else line
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_BoundedTraceback, logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -91,6 +123,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text", logger_provider=No
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     console = logging.StreamHandler(sys.stderr)
     console.addFilter(TraceContextFilter())
+    console.addFilter(BoundedMessage())
     console.addFilter(ExportErrorThrottle())
     console.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root.addHandler(console)
@@ -99,6 +132,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text", logger_provider=No
 
         otlp = LoggingHandler(logger_provider=logger_provider)
         otlp.addFilter(not_from_telemetry)
+        otlp.addFilter(BoundedMessage())
         root.addHandler(otlp)
     for noisy in ("faster_whisper", "grpc", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.INFO, root.level))

@@ -61,6 +61,9 @@ GRPC_CODE_NUMBERS = {
 }
 MAX_DECODE_LINKS = 100
 RECENT_CHUNKS = 600  # chunk span contexts kept for decode links (60 s at 100 ms)
+# W3C Trace Context: a vendor must pass on at least 512 characters of tracestate and may drop
+# a longer one. Dropped before extraction: the API parses up to 8 KB, and logs what it cannot.
+MAX_TRACESTATE_CHARS = 512
 
 
 def resource_from_env(attributes: dict[str, Any]):
@@ -283,6 +286,8 @@ class CallTelemetry:
         self.method = method
         self.started = time.perf_counter()
         carrier = {key: value for key, value in (metadata or ()) if isinstance(value, str)}
+        if len(carrier.get("tracestate", "")) > MAX_TRACESTATE_CHARS:
+            del carrier["tracestate"]
         parent = propagate.extract(carrier)
         attributes: dict[str, Any] = {
             "rpc.system.name": RPC_SYSTEM,

@@ -1,0 +1,108 @@
+"""Unary recognition: segment a whole buffer, then decode its utterances one after another.
+
+Minutes of audio take seconds to decode and segment, so that runs on a thread, in slices of
+``SEGMENT_SLICE_SECONDS``; between slices it checks whether the call was cancelled. A client
+that cancels (or disconnects) therefore stops its work within one slice: before, the whole
+buffer was still segmented, holding its memory and a core, after its slot was freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from typing import TYPE_CHECKING
+
+from .api import stt_pb2
+from .audio import AudioDecoder
+from .context import SpokenContext
+from .errors import out_of_range
+from .model import DecodeRequest, SpeechModel
+from .recognizer import StreamingRecognizer, UtteranceEnded
+from .scheduler import InferenceScheduler
+from .session import duration, final_result
+from .settings import RecognitionSettings
+
+if TYPE_CHECKING:
+    from otel import CallTelemetry
+
+# About 0.1 s of one core (299 s of speech took 3 s): how long a cancelled call may keep segmenting.
+SEGMENT_SLICE_SECONDS = 10.0
+
+
+class SegmentationCancelled(Exception):
+    """The call was cancelled while its audio was being segmented."""
+
+
+def segment(
+    audio_content: bytes,
+    decoder: AudioDecoder,
+    recognizer: StreamingRecognizer,
+    cancelled: threading.Event,
+) -> list[UtteranceEnded]:
+    """The utterances of ``audio_content``, fed to the recognizer slice by slice (as a stream
+    would be), so that only one slice is ever held as float32 and ``cancelled`` is seen
+    between slices. Raises SegmentationCancelled."""
+    frame_bytes = decoder.bytes_per_sample * decoder.channels
+    step = max(1, int(SEGMENT_SLICE_SECONDS * decoder.sample_rate)) * frame_bytes
+    events: list[UtteranceEnded] = []
+    for start in range(0, len(audio_content), step):
+        if cancelled.is_set():
+            raise SegmentationCancelled
+        samples = decoder.decode(audio_content[start : start + step])
+        events += [e for e in recognizer.accept(samples) if isinstance(e, UtteranceEnded)]
+    tail = recognizer.accept(decoder.flush()) + recognizer.finish()
+    return events + [e for e in tail if isinstance(e, UtteranceEnded)]
+
+
+async def recognize(
+    audio_content: bytes,
+    settings: RecognitionSettings,
+    model: SpeechModel,
+    scheduler: InferenceScheduler,
+    telemetry: CallTelemetry,
+    max_seconds: float,
+) -> stt_pb2.RecognizeResponse:
+    """Unary recognition: segment the whole buffer, decode every utterance. Cancelling the
+    caller stops the segmentation within one slice and queues no further decode."""
+    decoder = AudioDecoder(settings.encoding, settings.sample_rate, settings.channels)
+    seconds = decoder.seconds(len(audio_content))
+    if seconds > max_seconds:
+        raise out_of_range(
+            "STT_AUDIO_TOO_LONG",
+            f"audio_content holds {seconds:.1f} s of audio; Recognize takes at most {max_seconds:g} s "
+            "(stream longer audio with StreamingRecognize)",
+            "audio_content",
+        )
+    # The whole buffer is here: every endpoint is certain, nothing to speculate on.
+    recognizer = StreamingRecognizer(dataclasses.replace(settings.streaming, speculative_final_ms=0))
+    cancelled = threading.Event()
+    try:
+        # Not on the event loop, which serves every stream and the health checks.
+        events = await asyncio.to_thread(segment, audio_content, decoder, recognizer, cancelled)
+    except asyncio.CancelledError:
+        cancelled.set()  # the thread stops at its next slice (or, still queued, before the first)
+        raise
+    del audio_content  # the caller's request still holds the bytes; this frame need not
+    # One after another, each conditioned on the finals before it, as offline Whisper does.
+    context = SpokenContext()
+    response = stt_pb2.RecognizeResponse(total_billed_time=duration(seconds))
+    events.reverse()
+    while events:
+        event = events.pop()  # a decoded utterance's audio is freed at once
+        request = DecodeRequest(
+            final=True,
+            language=settings.language,
+            prompt=settings.prompt,
+            context=context.text,
+            word_timestamps=settings.word_time_offsets,
+            alternatives=settings.alternatives,
+        )
+        observer = telemetry.decode("final", event.utterance_index, event.start, event.end)
+        # Cancelled here, the scheduler takes the queued decode back out (a running one ends
+        # on its own), and no later utterance is queued.
+        hypothesis = await scheduler.decode(event.audio, request, observer)
+        context.add(hypothesis)
+        if hypothesis.is_speech:
+            response.results.append(final_result(hypothesis, event, settings))
+    return response
