@@ -287,7 +287,8 @@ SECURITY_FLAGS: tuple[Flag, ...] = (
          "`authorization: Bearer <token>`", feeds="security.auth_tokens_file"),
     Flag("--auth-allowed-identities", "comma-separated identities allowed to call; others get "
          "PERMISSION_DENIED", feeds="security.allowed_identities", convert=identities, unset="all"),
-    Flag("--max-streams-per-identity", "concurrent streams one authenticated identity may hold (0: no limit)",
+    Flag("--max-streams-per-identity", "concurrent streams and Recognize calls one authenticated "
+         "identity may hold (0: no limit)",
          "0", int, 0, 100000, feeds="security.max_streams_per_identity"),
     Flag("--health-address", "also serve grpc.health.v1 alone, in plaintext, here (for probes that cannot "
          "speak TLS)", check=listen_address, feeds="security.health_address"),
