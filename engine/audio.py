@@ -81,18 +81,18 @@ class AudioDecoder:
         self.sample_rate = sample_rate
         self.channels = channels
         self.bytes_per_sample = 2 if encoding == stt_pb2.LINEAR16 else 1
-        self._frame_bytes = self.bytes_per_sample * channels
+        self.frame_bytes = self.bytes_per_sample * channels
         self._pending = b""
         self._resampler = StreamingResampler(sample_rate) if sample_rate != TARGET_SAMPLE_RATE else None
 
     def seconds(self, num_bytes: int) -> float:
         """Duration of ``num_bytes`` of wire audio."""
-        return num_bytes / (self._frame_bytes * self.sample_rate)
+        return num_bytes / (self.frame_bytes * self.sample_rate)
 
     def decode(self, data: bytes) -> np.ndarray:
         """Decodes a chunk; a trailing partial frame is kept for the next call."""
         data = self._pending + data
-        usable = len(data) - len(data) % self._frame_bytes
+        usable = len(data) - len(data) % self.frame_bytes
         self._pending = data[usable:]
         if usable == 0:
             return np.zeros(0, dtype=np.float32)

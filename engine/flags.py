@@ -227,7 +227,8 @@ SERVER_FLAGS: tuple[Flag, ...] = (
     _seconds("--config-timeout-seconds", "a stream must send its config within this long", "10", 0.1, 600,
              "config_timeout_seconds"),
     _seconds("--idle-timeout-seconds",
-             "a stream that sends nothing for this long ends (OUT_OF_RANGE STT_AUDIO_TIMEOUT)", "15", 0.1,
+             "a stream that sends no audio for this long ends (OUT_OF_RANGE STT_AUDIO_TIMEOUT; less "
+             "than half real time counts as none)", "15", 0.1,
              3600, "idle_timeout_seconds"),
     _seconds("--max-backlog-seconds",
              "undecoded audio of ended utterances per stream before the server stops reading it", "60", 5,

@@ -194,15 +194,16 @@ class ServerOptions:
         config_timeout_seconds: a stream must send its ``streaming_config`` within this
             long of opening, or it ends with OUT_OF_RANGE ``STT_CONFIG_TIMEOUT``: an
             unconfigured stream holds a slot while doing nothing.
-        idle_timeout_seconds: a configured stream that sends no message for this long ends
+        idle_timeout_seconds: a configured stream that sends no audio for this long ends
             with OUT_OF_RANGE ``STT_AUDIO_TIMEOUT`` (its finals delivered). Real-time clients
-            send audio, silence included, every 100 ms or so.
+            send audio, silence included, every 100 ms or so. Messages without audio do not
+            count, nor does audio slower than half real time (``session.IdleClock``).
         max_backlog_seconds: audio of a stream that has ended utterances not yet decoded.
             Beyond it the server stops reading the stream until its finals catch up, and gRPC
             flow control pushes back on the sender, so a client sending faster than the
             server decodes holds bounded memory and cannot flood the inference queue.
         drain_seconds: on SIGTERM, how long in-flight streams may continue before they
-            are finalised and closed.
+            are finalised and closed; the process exits at the latest 7 s later.
         default_streaming: defaults for what a client's config leaves unset.
         decode: decoder settings.
         memory_release_seconds: how often freed heap memory is returned to the OS

@@ -103,10 +103,12 @@ class InferenceScheduler:
         self._tasks = [asyncio.create_task(self._worker()) for _ in range(self.workers)]
 
     async def stop(self) -> None:
+        """Stops taking jobs. A decode already running is not waited for: CTranslate2 cannot
+        interrupt it, and waiting blocked the event loop past the shutdown deadline."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def decode(
         self, audio: np.ndarray, request: DecodeRequest, observer: DecodeObserver | None = None

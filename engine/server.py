@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
+import sys
+import threading
 import time
 
 import grpc
@@ -36,6 +39,11 @@ HEALTH_SERVICES = ("", SERVICE_NAME)
 MESSAGE_OVERHEAD = 64 << 10
 # After the drain deadline, how long stopped streams may still decode their last finals.
 FINALS_GRACE_SECONDS = 5.0
+# Then ending what is left, closing the ports and flushing telemetry: the process exits at the
+# latest drain_seconds + EXIT_AFTER_DRAIN_SECONDS after SIGTERM, whatever is still running.
+EXIT_AFTER_DRAIN_SECONDS = 7.0
+# Kept free at the end of that for the exit itself, on a busy machine.
+EXIT_RESERVE_SECONDS = 0.5
 
 
 class SttServer:
@@ -185,13 +193,17 @@ class SttServer:
 
     async def drain_and_stop(self) -> None:
         """NOT_SERVING, refuse new streams, let open ones finish (up to drain_seconds),
-        then finalise the rest and stop: within drain_seconds + FINALS_GRACE_SECONDS + 2 s."""
+        then finalise the rest and stop: within drain_seconds + FINALS_GRACE_SECONDS + 1 s.
+        Decodes still running then are not waited for (``serve`` bounds the exit)."""
         if self.service.draining:
             return
         self.service.draining = True
         await self.health.enter_graceful_shutdown()
-        open_streams = len(self.service.sessions)
-        logger.info("draining: health NOT_SERVING, %d open streams", open_streams)
+        logger.info(
+            "draining: health NOT_SERVING, %d open streams, %d Recognize calls",
+            len(self.service.sessions),
+            self.service.recognizing,
+        )
         await self._sessions_end_within(self.options.drain_seconds)
         for session in list(self.service.sessions):
             session.stop()
@@ -207,11 +219,11 @@ class SttServer:
                     "retry the rest on another instance",
                 )
             )
-        await self._sessions_end_within(1.0)
-        if self._server is not None:
-            await self._server.stop(grace=1.0)
-        if self._health_server is not None:
-            await self._health_server.stop(grace=1.0)
+        await self._sessions_end_within(0.5)
+        # Both listeners at once: each stop waits up to its grace for the calls still open.
+        await asyncio.gather(
+            *(server.stop(grace=0.5) for server in (self._server, self._health_server) if server is not None)
+        )
         if self._memory_release is not None:
             self._memory_release.cancel()
         if self._scheduler is not None:
@@ -222,8 +234,10 @@ class SttServer:
         self._stopped.set()
 
     async def _sessions_end_within(self, seconds: float) -> None:
+        """Waits up to ``seconds`` for the open streams, and the Recognize calls, which cannot be
+        stopped early but whose responses are owed as a stream's finals are."""
         deadline = time.monotonic() + seconds
-        while self.service.sessions and time.monotonic() < deadline:
+        while self.service.active_calls and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     async def wait_stopped(self) -> None:
@@ -293,8 +307,14 @@ async def serve(
         await asyncio.to_thread(telemetry.shutdown)
         raise SystemExit(1) from None
     loop = asyncio.get_running_loop()
+    deadline = ExitDeadline()
+
+    def shut_down() -> None:
+        deadline.start(options.drain_seconds + EXIT_AFTER_DRAIN_SECONDS)
+        asyncio.ensure_future(server.drain_and_stop())
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.drain_and_stop()))
+        loop.add_signal_handler(sig, shut_down)
     try:
         await server.load()
     except Exception as exc:
@@ -305,5 +325,54 @@ async def serve(
         await asyncio.to_thread(telemetry.shutdown)
         raise SystemExit(1) from None
     await server.wait_stopped()
-    # Everything recorded before SIGTERM, the drained streams included, leaves now.
-    await asyncio.to_thread(telemetry.shutdown)
+    # Everything recorded before SIGTERM, the drained streams included, leaves now, in the
+    # time the exit deadline leaves.
+    await asyncio.to_thread(telemetry.shutdown, deadline.remaining(5.0, EXIT_RESERVE_SECONDS))
+    deadline.exit_now()
+
+
+class ExitDeadline:
+    """The hard bound on shutdown: the process ends at the deadline, whatever is running.
+
+    A decode running when the drain ends cannot be interrupted, and Python waits for it at
+    exit (the inference pool's threads, and ``asyncio.run`` for ``to_thread`` work such as a
+    Recognize call's segmentation); on a busy machine that, the interpreter's own teardown
+    (over a second) and the telemetry flush held the exit up to 13.9 s after SIGTERM with
+    --drain-seconds 1. Everything owed to clients is sent by then, so the rest is abandoned:
+    once drained and flushed the process ends at once, and a timer ends it at the deadline if
+    it gets stuck before.
+    """
+
+    def __init__(self) -> None:
+        self._at: float | None = None
+
+    def start(self, seconds: float) -> None:
+        """Ends the process ``seconds`` from now unless it exits before; once."""
+        if self._at is not None:
+            return
+        self._at = time.monotonic() + seconds
+        timer = threading.Timer(seconds, self._expire)
+        timer.daemon = True  # does not hold an exit that comes sooner
+        timer.start()
+
+    def remaining(self, most: float, reserve: float = 0.0) -> float:
+        """Up to ``most`` seconds, less whatever would run into the last ``reserve`` seconds."""
+        if self._at is None:
+            return most
+        return max(0.0, min(most, self._at - time.monotonic() - reserve))
+
+    def _expire(self) -> None:
+        logger.warning("exit deadline reached before the shutdown finished; exiting now")
+        self.exit_now()
+
+    @staticmethod
+    def exit_now() -> None:
+        """Ends the process with status 0, without the interpreter's teardown. The console log
+        handlers flush every record; not logging.shutdown(), whose OpenTelemetry handler would
+        wait up to 30 s on an unreachable collector."""
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(0)

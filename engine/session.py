@@ -55,6 +55,13 @@ logger = logging.getLogger(__name__)
 
 _END = object()
 MAX_QUEUED_INTERIMS = 4  # a client that reads slowly gets fewer interims, never fewer finals
+# Audio one step of the event loop decodes and scores: a 1 MiB MULAW message holds 131 s, whose
+# VAD took 0.6 s in one go and held up every other stream and the health checks.
+STEP_SECONDS = 0.5
+# Audio a stream must send per second the server waits for it, or it is idle: half real time
+# (a real-time client that drifts or stalls briefly stays well above it), so keepalive messages
+# with no audio, or a sample now and then, do not keep a slot.
+MIN_AUDIO_RATE = 0.5
 
 
 def duration(seconds: float) -> duration_pb2.Duration:
@@ -88,6 +95,29 @@ def final_result(
         utterance_index=event.utterance_index,
         language_code=hypothesis.language,
     )
+
+
+class IdleClock:
+    """How long a stream has gone without audio, for ``--idle-timeout-seconds``.
+
+    Only time spent waiting for the client's next message counts (not backpressure, when the
+    server does not read). Each second of audio received pays for 1 / ``MIN_AUDIO_RATE``
+    seconds of waiting; audio sent ahead earns no credit, so a client that sent its audio and
+    then sends nothing is idle after the timeout, as before, and one sending empty messages
+    (or a few bytes of audio) is idle after about as long.
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.idle = 0.0
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.limit - self.idle)
+
+    def waited(self, seconds: float, audio_seconds: float) -> None:
+        """The client took ``seconds`` to send a message carrying ``audio_seconds`` of audio."""
+        self.idle = max(0.0, self.idle + seconds - audio_seconds / MIN_AUDIO_RATE)
 
 
 class StreamSession:
@@ -233,19 +263,21 @@ class StreamSession:
             self.settings.language or "auto",
             self.settings.streaming.interim_results,
         )
-        idle = self.options.idle_timeout_seconds
+        idle = IdleClock(self.options.idle_timeout_seconds)
         self._reading = True
         try:
             while True:
                 await self._caught_up.wait()  # backpressure: the stream's finals are behind
+                waiting_since = time.monotonic()
                 try:
-                    async with asyncio.timeout(idle):
+                    async with asyncio.timeout(idle.remaining):
                         request = await anext(requests, None)
                 except TimeoutError:
                     raise out_of_range(
                         "STT_AUDIO_TIMEOUT",
-                        f"no audio for {idle:g} s; send audio (silence included) in real time, "
-                        "or half-close the stream when done",
+                        f"no audio for {idle.limit:g} s; send audio (silence included) in real time, "
+                        "or half-close the stream when done (messages with less than "
+                        f"{MIN_AUDIO_RATE:g} s of audio per second waited count as none)",
                         "audio_content",
                     ) from None
                 if request is None:
@@ -257,7 +289,9 @@ class StreamSession:
                         "later messages must carry only audio_content",
                         "streaming_config",
                     )
-                if not self._accept(request.audio_content):
+                audio_seconds = self._decoder.seconds(len(request.audio_content))
+                idle.waited(time.monotonic() - waiting_since, audio_seconds)
+                if not await self._accept(request.audio_content):
                     break
         except SttError as exc:
             error = exc
@@ -289,7 +323,7 @@ class StreamSession:
         )
         self._out.put_nowait(error or _END)
 
-    def _accept(self, data: bytes) -> bool:
+    async def _accept(self, data: bytes) -> bool:
         """Feeds one chunk; returns False once the stream should stop reading."""
         started_ns = time.time_ns()
         limits = self.options
@@ -306,12 +340,11 @@ class StreamSession:
         seconds = self._decoder.seconds(len(data))
         too_long = seconds > allowed + 1e-9
         if too_long:
-            frame = self._decoder.bytes_per_sample * self._decoder.channels
-            data = data[: int(allowed * self._decoder.sample_rate) * frame]
+            data = data[: int(allowed * self._decoder.sample_rate) * self._decoder.frame_bytes]
             seconds = self._decoder.seconds(len(data))
         offset = self._received_seconds
         self._received_seconds += seconds
-        keep_reading = self._handle(self._recognizer.accept(self._decoder.decode(data)))
+        keep_reading = await self._process(data)
         self.telemetry.chunk(
             self.chunks - 1, len(data), seconds, offset, started_ns, self._recognizer.in_speech
         )
@@ -324,6 +357,17 @@ class StreamSession:
                 "of audio; finals for the audio before the limit were delivered",
                 "audio_content",
             )
+        return True
+
+    async def _process(self, data: bytes) -> bool:
+        """Decodes, resamples and segments a chunk, at most ``STEP_SECONDS`` of its audio per
+        step of the event loop; returns False when a single utterance is done."""
+        step = self._decoder.frame_bytes * max(1, round(self._decoder.sample_rate * STEP_SECONDS))
+        for start in range(0, max(len(data), 1), step):
+            if start:
+                await asyncio.sleep(0)  # other streams and health checks run between steps
+            if not self._handle(self._recognizer.accept(self._decoder.decode(data[start : start + step]))):
+                return False
         return True
 
     def _handle(self, events: list) -> bool:

@@ -296,60 +296,6 @@ def test_a_flooding_stream_is_held_back_and_others_keep_real_time(guarded, jfk):
     assert lags[-1] > 30 or len(lags) > 20, "the flood never got going"
 
 
-def test_drain_ends_every_stream_by_the_deadline(server_factory, jfk):
-    server = server_factory("--drain-seconds", "1", "--config-timeout-seconds", "60")
-    data = float_to_linear16(np.tile(jfk, 6))  # 66 s sent at once, half-closed: finals pending
-    results: dict[str, object] = {}
-
-    def flood_then_wait():
-        with server.client() as client:
-            responses = []
-            try:
-                for response in client.stream(
-                    [
-                        config_request(),
-                        *[audio_request(data[i : i + 32000]) for i in range(0, len(data), 32000)],
-                    ]
-                ):
-                    responses.append(response)
-                results["flood"] = None
-            except grpc.RpcError as error:
-                results["flood"] = error
-            results["flood_finals"] = [r for r in responses if r.HasField("result") and r.result.is_final]
-
-    def never_configured():
-        with server.client() as client:
-            release = threading.Event()
-
-            def nothing():
-                release.wait(60)
-                yield from ()
-
-            try:
-                list(client.stream(nothing()))
-                results["silent"] = None
-            except grpc.RpcError as error:
-                results["silent"] = error
-            release.set()
-
-    threads = [threading.Thread(target=f) for f in (flood_then_wait, never_configured)]
-    for thread in threads:
-        thread.start()
-    wait_until(lambda: server.active_streams() == 2, 30, what="both streams")
-    time.sleep(1.0)
-    started = time.monotonic()
-    server.signal()
-    server.process.wait(timeout=30)
-    exited_in = time.monotonic() - started
-    for thread in threads:
-        thread.join(10)
-    assert exited_in < 1 + 5 + 3, f"exited {exited_in:.1f} s after SIGTERM with --drain-seconds 1"
-    assert_error(results["silent"], grpc.StatusCode.UNAVAILABLE, "STT_SERVER_SHUTTING_DOWN")
-    if results["flood"] is not None:  # it may finish its finals within the grace
-        assert_error(results["flood"], grpc.StatusCode.UNAVAILABLE, "STT_SERVER_SHUTTING_DOWN")
-    assert results["flood_finals"], "finals decoded before the deadline were not delivered"
-
-
 @pytest.mark.parametrize(
     "args, env, words",
     [
