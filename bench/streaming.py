@@ -139,12 +139,23 @@ def seconds(value) -> float:
     return value.ToTimedelta().total_seconds()
 
 
-def run_stream(target: str, audio: np.ndarray, record: StreamRecord, words: bool = True) -> None:
+def run_stream(
+    target: str,
+    audio: np.ndarray,
+    record: StreamRecord,
+    words: bool = True,
+    token: str | None = None,
+    cancel: threading.Event | None = None,
+) -> None:
+    """``token``: a bearer token for the call; ``cancel``: cancels the stream when set."""
     config = StreamConfig(enable_word_time_offsets=words)
-    with SpeechClient(target) as client:
+    with SpeechClient(target, token=token) as client:
         started = time.monotonic()  # offset 0 of the audio is spoken now
+        call = client.stream_audio(audio, config, realtime=True, started=started)
+        if cancel is not None:
+            threading.Thread(target=lambda: cancel.wait() and call.cancel(), daemon=True).start()
         try:
-            for response in client.stream_audio(audio, config, realtime=True, started=started):
+            for response in call:
                 at = time.monotonic() - started
                 if not response.HasField("result"):
                     continue
@@ -236,13 +247,22 @@ def offline_reference(
     }
 
 
-def start_server(target: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    """``stt-engine serve`` on ``target`` in a subprocess, returned once health reports SERVING."""
+def start_server(
+    target: str, *args: str, env: dict | None = None, repo: Path = REPO, log: Path | None = None
+) -> subprocess.Popen:
+    """``stt-engine serve`` on ``target`` in a subprocess, returned once health reports SERVING.
+    ``repo``: the checkout whose code serves (``python -m engine`` imports it from its working
+    directory), so one bench measures two versions; ``log``: a file for its stdout and stderr."""
+    output = log.open("wb") if log else None
     server = subprocess.Popen(
         [sys.executable, "-m", "engine", "serve", "--address", target, "--log-level", "WARNING", *args],
-        cwd=REPO,
+        cwd=repo,
         env={**os.environ, **(env or {})},
+        stdout=output,
+        stderr=subprocess.STDOUT if output else None,
     )
+    if output:
+        output.close()  # the server holds its own copy
     try:
         with SpeechClient(target) as client:
             client.wait_until_serving(120)
