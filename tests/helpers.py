@@ -278,10 +278,11 @@ class BackgroundStream:
     sure the stream is really being served before it attacks the server.
     """
 
-    def __init__(self, target: str, audio: np.ndarray, expected: str) -> None:
+    def __init__(self, target: str, audio: np.ndarray, expected: str, token: str | None = None) -> None:
         self.target = target
         self.audio = audio
         self.expected = expected
+        self.token = token  # a bearer token, for a server that authenticates
         self.finals: list[str] = []
         self.error: BaseException | None = None
         self.last_final_after_audio: float | None = None  # seconds after its audio ended
@@ -292,7 +293,7 @@ class BackgroundStream:
     def _run(self) -> None:
         responses = []
         try:
-            with SpeechClient(self.target) as client:
+            with SpeechClient(self.target, token=self.token) as client:
                 started = time.monotonic()
                 for response in client.stream_audio(
                     self.audio, StreamConfig(interim_results=True), started=started
@@ -322,6 +323,59 @@ class BackgroundStream:
         if self.error is not None:
             raise self.error
         assert wer([self.expected], [" ".join(self.finals)]) < 0.1, self.finals
+
+
+class HealthWatch:
+    """Checks health every 100 ms in the background; records the slowest answer."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.slowest = 0.0
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with SpeechClient(self.target) as client:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    status = client.health(timeout=5)
+                    if status != "SERVING":
+                        self.failures.append(status)
+                except grpc.RpcError as error:
+                    self.failures.append(error.code().name)
+                self.slowest = max(self.slowest, time.monotonic() - started)
+                self._stop.wait(0.1)
+
+    def check(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        assert not self.failures, self.failures
+        assert self.slowest < 1.0, f"health took {self.slowest:.2f} s"
+
+
+@contextmanager
+def beside_good_stream(
+    server: ServerProcess, audio: np.ndarray, expected: str, token: str | None = None
+) -> Iterator[BackgroundStream]:
+    """An attack's surroundings: a good real-time stream (confirmed served before the attack)
+    and a health watch. After the attack the good stream has its transcript, its last final
+    within 2 s of its audio, health answered within 1 s throughout and still reads SERVING."""
+    good = BackgroundStream(server.target, audio, expected, token)
+    good.wait_started()
+    watch = HealthWatch(server.target)
+    yield good
+    watch.check()
+    good.check()
+    # On time: unloaded, JFK's last final arrives 0.3-0.9 s after its audio ends.
+    assert good.last_final_after_audio is not None and good.last_final_after_audio < 2.0, (
+        good.last_final_after_audio
+    )
+    with server.client() as client:
+        assert client.health() == "SERVING"
+        assert client.health("stt.v1.Speech") == "SERVING"
 
 
 class PrometheusProcess:

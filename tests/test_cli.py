@@ -10,9 +10,7 @@ import sys
 
 import pytest
 
-from tests.helpers import JFK_TEXT, REPO, SAMPLE, ffmpeg, wer
-from tests.test_errors import check_unaffected, start_good_stream
-from tests.test_hardening import HealthWatch
+from tests.helpers import JFK_TEXT, REPO, SAMPLE, beside_good_stream, ffmpeg, wer
 
 
 def stt_engine(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -87,12 +85,22 @@ def error_lines(stderr: str) -> list[str]:
 def test_a_port_in_use_is_one_error_line(listener, server, jfk):
     """A second server started on the port of a running one says so in one line, ours, and
     exits 1, while the running server serves on: its good stream and its health undisturbed."""
-    good = start_good_stream(server, jfk, JFK_TEXT)
-    watch = HealthWatch(server.target)
+    with beside_good_stream(server, jfk, JFK_TEXT):
+        result = start_beside(server, listener)
+    errors = error_lines(result.stderr)
+    named = f"{server.target} (--health-address)" if listener == "--health-address" else server.target
+    assert result.returncode == 1, result.stderr
+    assert len(errors) == 1, result.stderr
+    assert errors[0].endswith(f"cannot listen on {named}: address already in use"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def start_beside(server, listener: str) -> subprocess.CompletedProcess:
+    """A second server on the running one's port (``--address``) or health port."""
     address = ["--address", server.target] if listener == "--address" else ["--address", "127.0.0.1:0"]
     if listener == "--health-address":
         address += ["--health-address", server.target]
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "engine", "serve", *address],
         cwd=REPO,
         capture_output=True,
@@ -100,12 +108,3 @@ def test_a_port_in_use_is_one_error_line(listener, server, jfk):
         timeout=60,
         env={**os.environ, "OTEL_SDK_DISABLED": "true"},
     )
-    assert result.returncode == 1, result.stderr
-    errors = error_lines(result.stderr)
-    named = f"{server.target} (--health-address)" if listener == "--health-address" else server.target
-    assert len(errors) == 1, result.stderr
-    assert errors[0].endswith(f"cannot listen on {named}: address already in use"), result.stderr
-    assert "Traceback" not in result.stderr
-    watch.check()
-    check_unaffected(server, good)
-    assert good.last_final_after_audio is not None and good.last_final_after_audio < 2.0

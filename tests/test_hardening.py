@@ -17,16 +17,13 @@ import pytest
 
 from engine.api import stt_pb2
 from engine.audio import float_to_linear16
-from engine.client import SpeechClient
-from tests.helpers import JFK_TEXT, REPO, serving, wait_until
+from tests.helpers import JFK_TEXT, REPO, beside_good_stream, serving, wait_until
 from tests.test_errors import (
     assert_error,
     audio_request,
-    check_unaffected,
     config_request,
     pcm,
     run_stream,
-    start_good_stream,
 )
 
 LIMITS = (
@@ -49,50 +46,12 @@ def hardened():
         yield proc
 
 
-class HealthWatch:
-    """Checks health every 100 ms in the background; records the slowest answer."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.slowest = 0.0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with SpeechClient(self.target) as client:
-            while not self._stop.is_set():
-                started = time.monotonic()
-                try:
-                    status = client.health(timeout=5)
-                    if status != "SERVING":
-                        self.failures.append(status)
-                except grpc.RpcError as error:
-                    self.failures.append(error.code().name)
-                self.slowest = max(self.slowest, time.monotonic() - started)
-                self._stop.wait(0.1)
-
-    def check(self) -> None:
-        self._stop.set()
-        self._thread.join(10)
-        assert not self.failures, self.failures
-        assert self.slowest < 1.0, f"health took {self.slowest:.2f} s"
-
-
 @pytest.fixture
 def guarded(hardened, jfk):
     """The good stream (JFK's 11 s) and the health watch around one attack."""
     wait_until(lambda: hardened.active_streams() == 0, 30, what="earlier streams to end")
-    good = start_good_stream(hardened, jfk, JFK_TEXT)
-    watch = HealthWatch(hardened.target)
-    yield hardened
-    watch.check()
-    check_unaffected(hardened, good)
-    # On time: unloaded, JFK's last final arrives 0.3-0.9 s after its audio ends.
-    assert good.last_final_after_audio is not None and good.last_final_after_audio < 2.0, (
-        good.last_final_after_audio
-    )
+    with beside_good_stream(hardened, jfk, JFK_TEXT):
+        yield hardened
 
 
 def test_a_huge_prompt_is_refused_at_once(guarded, jfk):

@@ -21,17 +21,14 @@ import pytest
 
 from engine.api import stt_pb2
 from engine.audio import float_to_linear16
-from tests.helpers import JFK_TEXT, serving, wait_until
+from tests.helpers import JFK_TEXT, beside_good_stream, serving, wait_until
 from tests.test_errors import (
     assert_error,
     audio_request,
-    check_unaffected,
     config_request,
     pcm,
     run_stream,
-    start_good_stream,
 )
-from tests.test_hardening import HealthWatch
 
 IDLE_SECONDS = 3
 
@@ -47,15 +44,8 @@ def limited():
 def guarded(limited, jfk):
     """The good stream (JFK's 11 s) and the health watch around one attack."""
     wait_until(lambda: limited.active_streams() == 0, 30, what="earlier streams to end")
-    good = start_good_stream(limited, jfk, JFK_TEXT)
-    watch = HealthWatch(limited.target)
-    yield limited
-    watch.check()
-    check_unaffected(limited, good)
-    # On time: unloaded, JFK's last final arrives 0.3-0.9 s after its audio ends.
-    assert good.last_final_after_audio is not None and good.last_final_after_audio < 2.0, (
-        good.last_final_after_audio
-    )
+    with beside_good_stream(limited, jfk, JFK_TEXT):
+        yield limited
 
 
 def mulaw_config() -> stt_pb2.StreamingRecognizeRequest:
