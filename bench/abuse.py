@@ -13,7 +13,8 @@ load average; and what the attack achieved.
 
     python bench/abuse.py                                      # every attack, this checkout
     python bench/abuse.py --attacks keepalive drain            # some of them
-    python bench/abuse.py --attacks issue25 --server-repo /work/wt-before --label before
+    git worktree add ../before 5ad5fac                         # the engine before issue 25
+    python bench/abuse.py --attacks issue25 --server-repo ../before --label before
 """
 
 from __future__ import annotations
