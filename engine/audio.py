@@ -8,6 +8,7 @@ state between chunks, so chunk boundaries leave no clicks.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import av
@@ -102,6 +103,13 @@ class AudioDecoder:
         if self._resampler is not None:
             samples = self._resampler.process(samples)
         return samples
+
+    def decode_in_slices(self, data: bytes, seconds: float) -> Iterator[np.ndarray]:
+        """Decodes ``data`` ``seconds`` of audio at a time (at least one slice, empty for empty
+        data), so that a caller can do other work, or stop, between slices of a large message."""
+        step = self.frame_bytes * max(1, round(self.sample_rate * seconds))
+        for start in range(0, max(len(data), 1), step):
+            yield self.decode(data[start : start + step])
 
     def flush(self) -> np.ndarray:
         """Returns what the resampler still holds; drops an incomplete trailing frame."""

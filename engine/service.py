@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,8 +126,26 @@ class _CheckedRequests:
         return request
 
 
-def _request_size(request: Any) -> int:
-    return request.size if isinstance(request, MalformedRequest) else request.ByteSize()
+@asynccontextmanager
+async def _single_request(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """The one message of a unary method registered as client-streaming (``add_speech_service``);
+    SttError when the call ended without it or it did not parse. A large one (unknown fields
+    included) is handed back to the allocator when the block ends: grpc.aio's request iterator
+    holds its last message in a reference cycle (memory.py)."""
+    request = await anext(requests, None)
+    try:
+        if request is None:
+            raise invalid_argument("STT_MESSAGE_MALFORMED", "the call ended without its request")
+        if isinstance(request, MalformedRequest):
+            raise request.error()
+        yield request
+    finally:
+        if isinstance(request, MalformedRequest):
+            size = request.size
+        else:
+            size = request.ByteSize() if request is not None else 0
+        if size >= LARGE_REQUEST_BYTES:
+            release_soon()
 
 
 async def abort_with(context: grpc.aio.ServicerContext, call: CallTelemetry, error: SttError) -> None:
@@ -259,39 +278,31 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         self.guard.check(context, call, holds_slot=True)
         self._admit()
         self.recognizing += 1
-        request = None
         try:
-            request = await anext(requests, None)
-            if request is None:
-                raise invalid_argument("STT_MESSAGE_MALFORMED", "the call ended without its request")
-            if isinstance(request, MalformedRequest):
-                raise request.error()
-            audio = request.audio_content  # a copy of the bytes at each access (upb): take one
-            if len(audio) > self.options.max_recognize_bytes:
-                raise out_of_range(
-                    "STT_AUDIO_TOO_LARGE",
-                    f"audio_content of {len(audio)} bytes exceeds the limit of "
-                    f"{self.options.max_recognize_bytes} bytes for Recognize",
-                    "audio_content",
+            async with _single_request(requests) as request:
+                audio = request.audio_content  # a copy of the bytes at each access (upb): take one
+                if len(audio) > self.options.max_recognize_bytes:
+                    raise out_of_range(
+                        "STT_AUDIO_TOO_LARGE",
+                        f"audio_content of {len(audio)} bytes exceeds the limit of "
+                        f"{self.options.max_recognize_bytes} bytes for Recognize",
+                        "audio_content",
+                    )
+                if not request.HasField("config"):
+                    raise invalid_argument("STT_CONFIG_MISSING", "config is required", "config")
+                settings = recognition_settings(request.config, self.model, self.options.default_streaming)
+                response = await recognize(
+                    audio,
+                    settings,
+                    self.model,
+                    self.scheduler,
+                    call,
+                    self.options.max_recognize_seconds,
                 )
-            if not request.HasField("config"):
-                raise invalid_argument("STT_CONFIG_MISSING", "config is required", "config")
-            settings = recognition_settings(request.config, self.model, self.options.default_streaming)
-            response = await recognize(
-                audio,
-                settings,
-                self.model,
-                self.scheduler,
-                call,
-                self.options.max_recognize_seconds,
-            )
-            call.finished("OK")
-            return response
+                call.finished("OK")
+                return response
         finally:
             self.recognizing -= 1
-            # grpc.aio's request iterator holds its last message in a reference cycle (memory.py).
-            if request is not None and _request_size(request) >= LARGE_REQUEST_BYTES:
-                release_soon()
 
     async def GetServerInfo(
         self,
@@ -301,20 +312,12 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         """A unary call, registered as client-streaming (``add_speech_service``): its message is
         read only once the call is authenticated."""
         call = self.telemetry.call(INFO_METHOD, context.invocation_metadata(), context.peer())
-        request = None
         try:
             self.guard.check(context, call)
-            request = await anext(requests, None)
-            if request is None:
-                raise invalid_argument("STT_MESSAGE_MALFORMED", "the call ended without its request")
-            if isinstance(request, MalformedRequest):
-                raise request.error()
+            async with _single_request(requests):
+                pass  # read only to be checked: its unknown fields may be megabytes too
         except SttError as error:
             await abort_with(context, call, error)
-        finally:
-            # An empty message's unknown fields may be megabytes too (see Recognize).
-            if request is not None and _request_size(request) >= LARGE_REQUEST_BYTES:
-                release_soon()
         info = stt_pb2.ServerInfo(
             version=__version__,
             encodings=list(SUPPORTED_ENCODINGS),

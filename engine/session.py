@@ -289,9 +289,9 @@ class StreamSession:
                         "later messages must carry only audio_content",
                         "streaming_config",
                     )
-                audio_seconds = self._decoder.seconds(len(request.audio_content))
-                idle.waited(time.monotonic() - waiting_since, audio_seconds)
-                if not await self._accept(request.audio_content):
+                data = request.audio_content  # a copy of the bytes at each access (upb): take one
+                idle.waited(time.monotonic() - waiting_since, self._decoder.seconds(len(data)))
+                if not await self._accept(data):
                     break
         except SttError as exc:
             error = exc
@@ -362,11 +362,10 @@ class StreamSession:
     async def _process(self, data: bytes) -> bool:
         """Decodes, resamples and segments a chunk, at most ``STEP_SECONDS`` of its audio per
         step of the event loop; returns False when a single utterance is done."""
-        step = self._decoder.frame_bytes * max(1, round(self._decoder.sample_rate * STEP_SECONDS))
-        for start in range(0, max(len(data), 1), step):
-            if start:
+        for index, samples in enumerate(self._decoder.decode_in_slices(data, STEP_SECONDS)):
+            if index:
                 await asyncio.sleep(0)  # other streams and health checks run between steps
-            if not self._handle(self._recognizer.accept(self._decoder.decode(data[start : start + step]))):
+            if not self._handle(self._recognizer.accept(samples)):
                 return False
         return True
 

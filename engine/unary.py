@@ -43,13 +43,10 @@ def segment(
     """The utterances of ``audio_content``, fed to the recognizer slice by slice (as a stream
     would be), so that only one slice is ever held as float32 and ``cancelled`` is seen
     between slices. Raises SegmentationCancelled."""
-    frame_bytes = decoder.bytes_per_sample * decoder.channels
-    step = max(1, int(SEGMENT_SLICE_SECONDS * decoder.sample_rate)) * frame_bytes
     events: list[UtteranceEnded] = []
-    for start in range(0, len(audio_content), step):
+    for samples in decoder.decode_in_slices(audio_content, SEGMENT_SLICE_SECONDS):
         if cancelled.is_set():
             raise SegmentationCancelled
-        samples = decoder.decode(audio_content[start : start + step])
         events += [e for e in recognizer.accept(samples) if isinstance(e, UtteranceEnded)]
     tail = recognizer.accept(decoder.flush()) + recognizer.finish()
     return events + [e for e in tail if isinstance(e, UtteranceEnded)]

@@ -14,6 +14,8 @@ import time
 
 from opentelemetry import trace
 
+from .options import parse_log_level
+
 _EXPORT_LOGGERS = ("opentelemetry.exporter", "opentelemetry.sdk")
 # The longest message a log record may carry, whoever logged it. The engine quotes client
 # strings cut to 40 characters (engine.errors.shown), but libraries quote them whole: the
@@ -120,7 +122,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text", logger_provider=No
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    root.setLevel(parse_log_level(level))  # a bad level is an error, never INFO
     console = logging.StreamHandler(sys.stderr)
     console.addFilter(TraceContextFilter())
     console.addFilter(BoundedMessage())
