@@ -112,6 +112,12 @@ def retryable(code: grpc.StatusCode, reason: str, message: str) -> SttError:
     return SttError(code, reason, message, retry_after=RETRY_DELAYS[reason])
 
 
+def decode_failed() -> SttError:
+    return SttError(
+        grpc.StatusCode.INTERNAL, "STT_DECODE_FAILED", "decoding an utterance failed on the server"
+    )
+
+
 def invalid_argument(reason: str, message: str, field: str | None = None) -> SttError:
     return SttError(grpc.StatusCode.INVALID_ARGUMENT, reason, message, field)
 

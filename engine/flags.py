@@ -242,8 +242,13 @@ SERVER_FLAGS: tuple[Flag, ...] = (
              "memory_release_seconds"),
     _ms("--silence-ms", "default endpoint silence", "700", 100, 5000, "silence_duration_ms"),
     _ms("--speculative-final-ms",
-        "start the final decode after this much silence, before the endpoint (0: off)", "400", 0, 5000,
+        "start the final decode after this much silence, before the endpoint (0: off)", "250", 0, 5000,
         "speculative_final_ms"),
+    Flag("--early-finals",
+         "a final decoded in a pause that ends a sentence and agrees with the interims: ends the "
+         "utterance at once (confident), that and cuts continuing speech at the pause (sentence), "
+         "or waits for the endpoint (off)", "sentence", choices=("sentence", "confident", "off"),
+         feeds="streaming.early_finals"),
     _ms("--interim-interval-ms", "default interim cadence", "1000", 200, 10000, "interim_interval_ms"),
     _ms("--interim-window-ms",
         "most audio an interim decodes; older agreed words become its prompt (0: whole utterance)", "4000",

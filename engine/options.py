@@ -152,7 +152,16 @@ class StreamingOptions:
             the endpoint is certain. The final's audio ends ``speech_pad_ms`` after the
             speech, so once this much silence has passed that audio is complete; if speech
             resumes before ``silence_duration_ms`` the decode is discarded. It hides up to
-            ``silence_duration_ms - speculative_final_ms`` of decode time; 0 disables it.
+            ``silence_duration_ms - speculative_final_ms`` of decode time, and with
+            ``early_finals`` a confident final ends the utterance as soon as it is decoded
+            (``finalization.Finalizer``); 0 disables it.
+        early_finals: what a final decoded in a pause may do before the endpoint.
+            ``confident``: when it ends a sentence and continues what the interims heard, it
+            ends the utterance at once, without waiting for ``silence_duration_ms``.
+            ``sentence``: that, and when speech resumed while it was decoded, the utterance is
+            cut at the pause and the final delivered while the speaker goes on (only for
+            utterances with ``finalization.MIN_SENTENCE_SECONDS`` of speech, not with
+            ``single_utterance``). ``off``: finals come at the endpoint only.
     """
 
     speech_threshold: float = 0.5
@@ -167,7 +176,8 @@ class StreamingOptions:
     interim_window_ms: int = 4000
     long_interim_interval_ms: int = 1500
     single_utterance: bool = False
-    speculative_final_ms: int = 400
+    speculative_final_ms: int = 250
+    early_finals: str = "sentence"
     vad_refresh_ms: int = 1000
     short_utterance_ms: int = 1000
     short_utterance_silence_ms: int = 1500

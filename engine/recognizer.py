@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .options import TARGET_SAMPLE_RATE, StreamingOptions
-from .text import cut_trailing_repeat, dropped_head, word_key
+from .text import cut_trailing_repeat, dropped_head, leading_fragments, word_key
 from .vad import FRAME_SAMPLES, StreamingVad
 
 FRAME_SECONDS = FRAME_SAMPLES / TARGET_SAMPLE_RATE
@@ -22,8 +22,14 @@ HYSTERESIS = 0.15  # a frame ends speech only below threshold - 0.15, as Silero'
 
 @dataclass
 class SpeechStarted:
+    """Speech began at ``offset``; ``continued``: it is the rest of the speech of the utterance
+    before, which ended at ``offset`` in a pause or at the length limit. That utterance's audio
+    ends there, this one's starts ``speech_pad_ms`` earlier (pre-roll), so a word spoken across
+    the cut is whole in this one; words before ``offset`` belong to the one before."""
+
     utterance_index: int
     offset: float
+    continued: bool = False
 
 
 @dataclass
@@ -48,13 +54,17 @@ class EndpointLikely:
     audio: np.ndarray
     start: float
     end: float
+    speech_end: float
+    short: bool = False  # less speech than ``short_utterance_ms``: never ended early
 
 
 @dataclass
 class SpeechResumed:
-    """Speech came back after an ``EndpointLikely``: that audio is no longer final."""
+    """Speech came back after an ``EndpointLikely``, after a pause of ``pause`` seconds:
+    that audio is no longer the utterance's final audio."""
 
     utterance_index: int
+    pause: float = 0.0
 
 
 @dataclass
@@ -146,10 +156,10 @@ class StreamingRecognizer:
         self._long_silence_frames = max(
             1, min(self._silence_frames, round(options.long_utterance_silence_ms / 1000 / FRAME_SECONDS))
         )
-        # Speculation needs the padded final audio complete: silence longer than the pad.
+        # The final's audio then ends in the pause: up to ``speech_pad_ms`` after the speech.
         speculative = options.speculative_final_ms
         self._speculative_frames = (
-            max(round(speculative / 1000 / FRAME_SECONDS), int(self._pad / FRAME_SAMPLES) + 1)
+            max(1, round(speculative / 1000 / FRAME_SECONDS))
             if 0 < speculative < options.silence_duration_ms
             else 0
         )
@@ -176,6 +186,7 @@ class StreamingRecognizer:
         self._next_interim_sample = 0
         self._interim_speech_frame = -1  # last speech frame covered by an interim
         self._speculating = False  # an EndpointLikely is out for the current pause
+        self._speculated_end = 0  # the end sample of its audio
 
     @property
     def in_speech(self) -> bool:
@@ -219,14 +230,15 @@ class StreamingRecognizer:
             end_sample = self._buffer.end
             speech_end = end_sample
             if self._speculating:
-                # Silent since the speculation: end where the endpoint would have, so the
-                # speculative decode is the final.
+                # Silent since the speculation: end where it did, so its decode is the final.
                 speech_end = (self._last_speech_frame + 1) * FRAME_SAMPLES
-                end_sample = min(end_sample, speech_end + self._pad)
+                end_sample = self._speculated_end
             events: list[Event] = []
             if not self._confirmed:
                 self._confirm(events)
-            events.append(self._end_utterance(end_sample, speech_end, "end_of_stream"))
+            events.append(
+                self._end_utterance(end_sample, speech_end, "end_of_stream", foreseen=self._speculating)
+            )
             return events
         self._reset_utterance()
         return []
@@ -246,7 +258,8 @@ class StreamingRecognizer:
         if prob >= threshold:
             if self._speculating:
                 self._speculating = False
-                events.append(SpeechResumed(self.utterance_index))
+                pause = (frame - self._last_speech_frame - 1) * FRAME_SECONDS
+                events.append(SpeechResumed(self.utterance_index, pause))
             self._last_speech_frame = frame
             self._speech_frames += 1
             if not self._confirmed and self._speech_frames >= self._min_speech_frames:
@@ -255,7 +268,9 @@ class StreamingRecognizer:
             if self._confirmed:
                 speech_end = (self._last_speech_frame + 1) * FRAME_SAMPLES
                 end = min(speech_end + self._pad, (frame + 1) * FRAME_SAMPLES)
-                events.append(self._end_utterance(end, speech_end, "silence"))
+                if self._speculating:
+                    end = self._speculated_end  # exactly the speculative decode's audio
+                events.append(self._end_utterance(end, speech_end, "silence", foreseen=self._speculating))
             else:
                 self._reset_utterance()  # a click or breath, not speech
             return
@@ -263,13 +278,17 @@ class StreamingRecognizer:
             # The same bounds _end_utterance will use if the silence holds.
             self._speculating = True
             start = self._utterance_start_sample()
-            end = (self._last_speech_frame + 1) * FRAME_SAMPLES + self._pad
+            speech_end = (self._last_speech_frame + 1) * FRAME_SAMPLES
+            end = min(speech_end + self._pad, (frame + 1) * FRAME_SAMPLES)
+            self._speculated_end = end
             events.append(
                 EndpointLikely(
                     self.utterance_index,
                     self._buffer.slice(start, end),
                     start / TARGET_SAMPLE_RATE,
                     end / TARGET_SAMPLE_RATE,
+                    speech_end / TARGET_SAMPLE_RATE,
+                    short=self._is_short(),
                 )
             )
         if self._confirmed and frame - self._start_frame >= self._max_frames:
@@ -289,37 +308,69 @@ class StreamingRecognizer:
         return self._long_silence_frames if self._is_long() else self._silence_frames
 
     def _speculation_frames(self) -> int:
-        """Silence after which the final decode starts: as long before the endpoint either way
-        (none when the endpoint comes as soon as the final's padded audio is complete)."""
+        """Silence after which the final decode starts: as long before the endpoint either way."""
         if not self._speculative_frames:
             return 0
         lead = self._silence_frames - self._speculative_frames
-        speculation = self._endpoint_frames() - lead
-        return speculation if speculation * FRAME_SAMPLES > self._pad else 0
+        return max(1, self._endpoint_frames() - lead)
 
-    def _confirm(self, events: list[Event]) -> None:
+    def _confirm(self, events: list[Event], continued: bool = False) -> None:
         self._confirmed = True
         self._next_interim_sample = self._start_frame * FRAME_SAMPLES + self._first_interim_samples
-        events.append(SpeechStarted(self.utterance_index, self._start_frame * FRAME_SECONDS))
+        events.append(SpeechStarted(self.utterance_index, self._start_frame * FRAME_SECONDS, continued))
 
     def _split(self, frame: int, events: list[Event]) -> None:
         """Ends an over-long utterance at the quietest recent frame; speech continues."""
         window = self._probs[-self._search_frames :]
         cut_frame = frame - len(window) + 1 + int(np.argmin(window))
         cut_sample = (cut_frame + 1) * FRAME_SAMPLES
-        events.append(self._end_utterance(cut_sample, cut_sample, "max_length"))
+        events += self._cut(cut_sample, cut_sample, "max_length")
+
+    def end_at(self, utterance_index: int, end: float, speech_end: float, reason: str) -> list[Event]:
+        """Ends the open utterance at ``end`` seconds, the end of an ``EndpointLikely``'s audio
+        (its pause), before its endpoint: ``confident`` while the pause lasts, ``sentence`` once
+        speech has resumed, which then goes on as the next utterance from that point. Returns no
+        events when that utterance is no longer open or ``end`` is not within it."""
+        end_sample = round(end * TARGET_SAMPLE_RATE)
+        open_utterance = utterance_index == self.utterance_index and self._confirmed
+        if not open_utterance or not self._utterance_start_sample() < end_sample <= self._buffer.end:
+            return []
+        speech_end_sample = round(speech_end * TARGET_SAMPLE_RATE)
+        if self._speculating and end_sample == self._speculated_end:
+            return [self._end_utterance(end_sample, speech_end_sample, reason, foreseen=True)]
+        return self._cut(end_sample, speech_end_sample, reason, foreseen=True)
+
+    def _cut(
+        self, end_sample: int, speech_end_sample: int, reason: str, foreseen: bool = False
+    ) -> list[Event]:
+        """Ends the open utterance at ``end_sample`` while speech goes on after it: the rest is
+        the next utterance, confirmed, with the audio before the cut as its pre-roll."""
+        old_start, last_speech, probs = self._start_frame, self._last_speech_frame, self._probs
+        events: list[Event] = [
+            self._end_utterance(end_sample, speech_end_sample, reason, foreseen=foreseen, keep_pre_roll=True)
+        ]
+        start_frame = -(-end_sample // FRAME_SAMPLES)
+        kept = probs[max(0, start_frame - old_start) :]  # probs[i] is the score of frame old_start + i
+        threshold = self.options.speech_threshold
         self._triggered = True
-        self._start_frame = cut_frame + 1
-        self._last_speech_frame = frame
-        self._speech_frames = self._min_speech_frames
-        self._probs = self._probs[len(self._probs) - (frame - cut_frame) :]
-        self._speculating = False
-        self._confirm(events)
+        self._start_frame = start_frame
+        self._last_speech_frame = max(last_speech, start_frame)
+        self._speech_frames = max(self._min_speech_frames, sum(p >= threshold for p in kept))
+        self._probs = kept
+        self._confirm(events, continued=True)
+        return events
 
     def _utterance_start_sample(self) -> int:
         return max(self._buffer.start, self._start_frame * FRAME_SAMPLES - self._pad)
 
-    def _end_utterance(self, end_sample: int, speech_end_sample: int, reason: str) -> UtteranceEnded:
+    def _end_utterance(
+        self,
+        end_sample: int,
+        speech_end_sample: int,
+        reason: str,
+        foreseen: bool = False,
+        keep_pre_roll: bool = False,
+    ) -> UtteranceEnded:
         start = self._utterance_start_sample()
         event = UtteranceEnded(
             self.utterance_index,
@@ -328,15 +379,13 @@ class StreamingRecognizer:
             end_sample / TARGET_SAMPLE_RATE,
             speech_end_sample / TARGET_SAMPLE_RATE,
             reason,
-            # A split cuts elsewhere; a silence or end-of-stream ending during the
-            # speculated pause uses its bounds.
-            foreseen=self._speculating and reason != "max_length",
+            foreseen=foreseen,
         )
         self.utterance_index += 1
         self._reset_utterance()
-        # Audio before the end is dropped, so the next utterance's pre-roll can never
-        # reach back into this one: no word is decoded twice.
-        self._buffer.trim(end_sample)
+        # Audio before the end is dropped, so a next utterance's pre-roll never reaches back
+        # into this one; speech cut mid-flow keeps it, and drops the words it hears before the cut.
+        self._buffer.trim(end_sample - self._pad if keep_pre_roll else end_sample)
         return event
 
 
@@ -406,12 +455,14 @@ class InterimWindow:
     The interim transcript is that of ``LocalAgreement`` over the whole utterance.
     """
 
-    def __init__(self, window_seconds: float) -> None:
+    def __init__(self, window_seconds: float, start: float = 0.0) -> None:
+        """``start``: offset in the utterance's audio where its own speech begins (after the
+        pre-roll of an utterance that continues speech cut from the one before)."""
         self.window_seconds = window_seconds
         self.agreement = LocalAgreement()
         self.transcript = ""  # the latest interim transcript of the whole utterance
         # Every move: (offset in the utterance's audio, stable words spoken before it).
-        self.moves: list[tuple[float, int]] = []
+        self.moves: list[tuple[float, int]] = [(start, 0)] if start else []
 
     @property
     def start(self) -> float:
@@ -445,6 +496,11 @@ class InterimWindow:
         counts without the repeat (``text.cut_trailing_repeat``)."""
         text = cut_trailing_repeat(text)
         words = words[: len(text.split())] if words else words
+        if not self.agreement.stable_words:
+            # A window that starts inside a word hears its last sound as a letter ("S NOT").
+            fragments = leading_fragments(text)
+            text = " ".join(text.split()[fragments:])
+            words = words[fragments:] if words else words
         said_before = self.agreement.stable_words[: self._words_before]
         transcript, stability = self.agreement.update(" ".join([*said_before, text]))
         movable = len(self.agreement.stable_words) - self._words_before

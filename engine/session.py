@@ -1,25 +1,15 @@
 """One StreamingRecognize stream: config, audio in, interim and final results out.
 
-The session reads requests on its own task, so audio keeps flowing into the VAD
-while decodes run on the inference threads. Finals are decoded as soon as their
-utterance ends (several may run at once) and delivered strictly in utterance
-order. Interims are best effort: at most one in flight per stream, none while a
-final is pending, so they never delay a final or reorder results.
-
-A final decode starts speculatively once a pause is long enough that the final's
-audio is complete (``EndpointLikely``); when the endpoint confirms it, the final is
-that decode, already under way. Speech resuming discards it.
-
-Every final is conditioned on what the stream said before (``SpokenContext``), as
-offline Whisper conditions on previous text: a final's decode starts once the finals of
-the utterances before it are decoded and their text is in the context. (Interims are not:
-``DecodeOptions.interim_context``.)
+The session reads requests on its own task, so audio keeps flowing into the VAD while
+decodes run on the inference threads; it admits audio within the stream's limits, stops
+reading while the stream's finals are too far behind (backpressure), and turns what the
+finalisation policy (``finalization.Finalizer``: endpoints, speculation, sentence finals,
+context, repairs) produces into responses, delivered in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -29,23 +19,14 @@ import grpc
 from google.protobuf import duration_pb2
 
 from .api import stt_pb2
-from .audio import AudioDecoder, quietest_point
-from .context import SpokenContext
+from .audio import AudioDecoder
 from .errors import SttError, invalid_argument, out_of_range
+from .finalization import Finalizer, FinalResult, InterimResult
 from .memory import LARGE_REQUEST_BYTES, release_soon
-from .model import DecodeRequest, Hypothesis, SpeechModel, join_hypotheses
-from .options import TARGET_SAMPLE_RATE, ServerOptions
-from .recognizer import (
-    EndpointLikely,
-    InterimDue,
-    InterimPlan,
-    InterimWindow,
-    SpeechResumed,
-    SpeechStarted,
-    StreamingRecognizer,
-    UtteranceEnded,
-)
-from .scheduler import InferenceScheduler, StaleInterim
+from .model import SpeechModel
+from .options import ServerOptions
+from .recognizer import StreamingRecognizer
+from .scheduler import InferenceScheduler
 from .settings import RecognitionSettings, recognition_settings
 
 if TYPE_CHECKING:
@@ -70,16 +51,23 @@ def duration(seconds: float) -> duration_pb2.Duration:
     return value
 
 
-def final_result(
-    hypothesis: Hypothesis, event: UtteranceEnded, settings: RecognitionSettings
-) -> stt_pb2.StreamingRecognitionResult:
+SPEECH_EVENTS = {
+    "started": stt_pb2.SpeechEvent.SPEECH_STARTED,
+    "ended": stt_pb2.SpeechEvent.SPEECH_ENDED,
+    "end_of_single_utterance": stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE,
+}
+
+
+def final_result(final: FinalResult, settings: RecognitionSettings) -> stt_pb2.StreamingRecognitionResult:
     """The final result of an utterance, with word offsets from the stream start."""
+    hypothesis = final.hypothesis
     best = stt_pb2.SpeechRecognitionAlternative(transcript=hypothesis.text, confidence=hypothesis.confidence)
-    for word in hypothesis.words:
+    # Words may be aligned for the policy's own use; they are sent only when asked for.
+    for word in hypothesis.words if settings.word_time_offsets else ():
         best.words.add(
             word=word.word,
-            start_offset=duration(event.start + word.start),
-            end_offset=duration(event.start + word.end),
+            start_offset=duration(final.start + word.start),
+            end_offset=duration(final.start + word.end),
             confidence=word.probability,
         )
     alternatives = [best] + [
@@ -90,9 +78,9 @@ def final_result(
         alternatives=alternatives,
         is_final=True,
         stability=1.0,
-        result_start_offset=duration(event.start),
-        result_end_offset=duration(event.end),
-        utterance_index=event.utterance_index,
+        result_start_offset=duration(final.start),
+        result_end_offset=duration(final.end),
+        utterance_index=final.utterance_index,
         language_code=hypothesis.language,
     )
 
@@ -137,9 +125,7 @@ class StreamSession:
         self.settings: RecognitionSettings | None = None
         self._out: asyncio.Queue = asyncio.Queue()
         self._reader: asyncio.Task | None = None
-        self._interim: asyncio.Task | None = None
-        self._finals: list[asyncio.Task] = []
-        self._speculation: asyncio.Future | None = None  # a final decode started in a pause
+        self._finalizer: Finalizer | None = None
         self._config_read: asyncio.Future | None = None
         self._large_request = False  # a message of megabytes: return the heap it used
         self._reading = False
@@ -148,13 +134,8 @@ class StreamSession:
         self._backlog_seconds = 0.0
         self._caught_up = asyncio.Event()
         self._caught_up.set()
-        self._context = SpokenContext()
-        # Done once the text of every ended utterance's final is in the context.
-        self._context_ready: asyncio.Future | None = None
-        self._window = InterimWindow(options.default_streaming.interim_window_ms / 1000)
         self._received_seconds = 0.0
         self._stopping = False
-        self._single_utterance_done = False
         self.chunks = 0
 
     async def run(self, requests: AsyncIterator[Any]) -> AsyncIterator[stt_pb2.StreamingRecognizeResponse]:
@@ -179,7 +160,13 @@ class StreamSession:
             self._decoder = AudioDecoder(
                 self.settings.encoding, self.settings.sample_rate, self.settings.channels
             )
-            self._recognizer = StreamingRecognizer(self.settings.streaming)
+            self._finalizer = Finalizer(
+                StreamingRecognizer(self.settings.streaming),
+                self.scheduler,
+                self.settings,
+                self.telemetry,
+                self,
+            )
             self.telemetry.configured(
                 {
                     "encoding": stt_pb2.AudioEncoding.Name(self.settings.encoding),
@@ -242,16 +229,14 @@ class StreamSession:
     def _close(self) -> None:
         if self._large_request:
             release_soon()
-        self._discard_speculation()
-        tasks = [self._reader, self._interim, self._context_ready, *self._finals]
-        for task in tasks:
-            if task is not None and not task.done():
-                task.cancel()
+        if self._finalizer is not None:
+            self._finalizer.close()
+        if self._reader is not None and not self._reader.done():
+            self._reader.cancel()
         # A cancelled task keeps its CancelledError, whose traceback holds the task's frame and
         # so this session: a reference cycle that only Python's full collections free, and they
         # are rare. Under sustained load, ended sessions piled up with their audio.
-        self._reader = self._interim = self._context_ready = None
-        self._finals = []
+        self._reader = None
 
     async def _read(self, requests: AsyncIterator[Any]) -> None:
         error: SttError | None = None
@@ -309,17 +294,15 @@ class StreamSession:
         self._reading = False
         try:
             # Whatever was received before the end or the error is still transcribed.
-            if not self._single_utterance_done:
-                tail = self._recognizer.accept(self._decoder.flush())
-                self._handle(tail + self._recognizer.finish())
-            await self._deliver_finals()
+            self._finalizer.finish(self._decoder.flush())
+            await self._finalizer.wait_finals()
         except SttError as exc:
             error = error or exc
         logger.info(
             "stream ended: %.1f s audio in %d chunks, %d utterances",
             self._received_seconds,
             self.chunks,
-            self._recognizer.utterance_index,
+            self._finalizer.utterances,
         )
         self._out.put_nowait(error or _END)
 
@@ -346,7 +329,7 @@ class StreamSession:
         self._received_seconds += seconds
         keep_reading = await self._process(data)
         self.telemetry.chunk(
-            self.chunks - 1, len(data), seconds, offset, started_ns, self._recognizer.in_speech
+            self.chunks - 1, len(data), seconds, offset, started_ns, self._finalizer.in_speech
         )
         if not keep_reading:
             return False
@@ -365,237 +348,55 @@ class StreamSession:
         for index, samples in enumerate(self._decoder.decode_in_slices(data, STEP_SECONDS)):
             if index:
                 await asyncio.sleep(0)  # other streams and health checks run between steps
-            if not self._handle(self._recognizer.accept(samples)):
+            self._finalizer.accept(samples)
+            if self._finalizer.done:
                 return False
-        return True
+        return not self._finalizer.done
 
-    def _handle(self, events: list) -> bool:
-        """Acts on recognizer events; returns False when a single utterance is done."""
-        for event in events:
-            if isinstance(event, SpeechStarted):
-                self.telemetry.utterance_started(event.utterance_index, event.offset)
-                self._event(stt_pb2.SpeechEvent.SPEECH_STARTED, event.offset, event.utterance_index)
-            elif isinstance(event, InterimDue):
-                self._start_interim(event)
-            elif isinstance(event, EndpointLikely):
-                self._speculate_final(event)
-            elif isinstance(event, SpeechResumed):
-                self._discard_speculation()
-            elif isinstance(event, UtteranceEnded):
-                self.telemetry.utterance_ended(
-                    event.utterance_index, event.start, event.end, event.speech_end, event.reason
-                )
-                self._event(stt_pb2.SpeechEvent.SPEECH_ENDED, event.speech_end, event.utterance_index)
-                self._start_final(event)
-                if self.settings.streaming.single_utterance:
-                    self._single_utterance_done = True
-                    self._event(stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE, event.end, event.utterance_index)
-                    return False
-        return True
+    # Delivery: what the finalisation policy produces, as responses.
 
-    def _event(self, kind: int, offset: float, index: int) -> None:
+    def speech_event(self, kind: str, offset: float, utterance_index: int) -> None:
         self._put(
             stt_pb2.StreamingRecognizeResponse(
-                speech_event=stt_pb2.SpeechEvent(type=kind, offset=duration(offset), utterance_index=index)
+                speech_event=stt_pb2.SpeechEvent(
+                    type=SPEECH_EVENTS[kind], offset=duration(offset), utterance_index=utterance_index
+                )
             )
         )
 
-    def _put(self, response: stt_pb2.StreamingRecognizeResponse) -> None:
-        response.total_billed_time.CopyFrom(duration(self._received_seconds))
-        self._out.put_nowait(response)
-
-    def _request(self, final: bool, plan: InterimPlan | None = None) -> DecodeRequest:
-        return DecodeRequest(
-            final=final,
-            language=self.settings.language,
-            prompt=self.settings.prompt,
-            context=self._context.text,
-            said_before=plan.said_before if plan else "",
-            prefix=plan.prefix if plan else "",
-            word_timestamps=(final and self.settings.word_time_offsets) or (plan is not None and plan.align),
-            alternatives=self.settings.alternatives if final else 1,
-        )
-
-    def _start_interim(self, event: InterimDue) -> None:
-        busy = self._interim is not None and not self._interim.done()
-        if busy or self._speculation is not None or any(not task.done() for task in self._finals):
-            return  # coalesced: the next interim covers this audio too
-        if self._out.qsize() >= MAX_QUEUED_INTERIMS:
-            return
-        if self.scheduler.finals_waiting:
-            return  # adapt to load: finals are queued, so interims step aside
-        self._interim = asyncio.create_task(self._run_interim(event))
-
-    async def _run_interim(self, event: InterimDue) -> None:
-        window = self._window
-        plan = window.plan(len(event.audio) / TARGET_SAMPLE_RATE)
-        observer = self.telemetry.decode(
-            "interim", event.utterance_index, event.start + plan.start, event.end
-        )
-        audio = event.audio[round(plan.start * TARGET_SAMPLE_RATE) :]
-        try:
-            hypothesis = await self.scheduler.decode(audio, self._request(final=False, plan=plan), observer)
-        except StaleInterim:
-            return  # the server is behind; interims thin out, finals do not
-        except Exception:
-            logger.exception("interim decode failed")  # the final still covers this audio
-            return
-        if event.utterance_index != self._recognizer.utterance_index:
-            return  # the utterance ended meanwhile; its final supersedes this
-        if not hypothesis.text or hypothesis.looped:
-            return  # nothing, or a looping guess: the next interim or the final does better
-        text, stability = window.update(hypothesis.text, hypothesis.words)
+    def interim(self, result: InterimResult) -> None:
         self._put(
             stt_pb2.StreamingRecognizeResponse(
                 result=stt_pb2.StreamingRecognitionResult(
                     alternatives=[
                         stt_pb2.SpeechRecognitionAlternative(
-                            transcript=text, confidence=hypothesis.confidence
+                            transcript=result.transcript, confidence=result.confidence
                         )
                     ],
                     is_final=False,
-                    stability=stability,
-                    stable_transcript=window.stable_text,
-                    result_start_offset=duration(event.start),
-                    result_end_offset=duration(event.end),
-                    utterance_index=event.utterance_index,
-                    language_code=hypothesis.language,
+                    stability=result.stability,
+                    stable_transcript=result.stable_text,
+                    result_start_offset=duration(result.start),
+                    result_end_offset=duration(result.end),
+                    utterance_index=result.utterance_index,
+                    language_code=result.language,
                 )
             )
         )
-        self.telemetry.interim_sent(event.utterance_index)
 
-    def _decode_final(
-        self, event: EndpointLikely | UtteranceEnded, window: InterimWindow, speculative: bool
-    ) -> asyncio.Future:
-        observer = self.telemetry.decode(
-            "final", event.utterance_index, event.start, event.end, speculative=speculative
-        )
-        return asyncio.ensure_future(self._final_decode(event, window, observer, self._context_ready))
+    def final(self, result: FinalResult) -> None:
+        self._put(stt_pb2.StreamingRecognizeResponse(result=final_result(result, self.settings)))
 
-    async def _final_decode(
-        self,
-        event: EndpointLikely | UtteranceEnded,
-        window: InterimWindow,
-        observer,
-        context_ready: asyncio.Future | None,
-    ) -> Hypothesis:
-        if context_ready is not None:
-            await asyncio.shield(context_ready)  # the utterances before this one are in the context
-        request = self._request(final=True)
-        hypothesis = await self.scheduler.decode(event.audio, request, observer)
-        cut = window.head_cut(hypothesis.text) if hypothesis.is_speech else None
-        if cut is None:
-            return hypothesis
-        return await self._decode_in_two(event, request, cut, hypothesis)
-
-    async def _decode_in_two(
-        self, event: EndpointLikely | UtteranceEnded, request: DecodeRequest, cut: float, whole: Hypothesis
-    ) -> Hypothesis:
-        """The final of the whole utterance left out its first words, which the interims heard
-        before ``cut`` seconds: decode the audio before and after a pause near it apart, the
-        second part conditioned on the first as on an earlier utterance."""
-        # Split at a pause: the aligned word end can be a tenth of a second off, and the
-        # sentence that was left out is often quiet speech running on for a few words the
-        # interims did not hear either.
-        cut = quietest_point(event.audio, cut - 0.25, cut + 1.5, sample_rate=TARGET_SAMPLE_RATE)
-        logger.info(
-            "final of utterance %d left out its first words; decoding it in two at %.2f s",
-            event.utterance_index,
-            cut,
-            extra={"stt.utterance.index": event.utterance_index},
-        )
-        split = round(cut * TARGET_SAMPLE_RATE)
-        index, start = event.utterance_index, event.start
-        head = await self.scheduler.decode(
-            event.audio[:split], request, self.telemetry.decode("final", index, start, start + cut)
-        )
-        if not head.is_speech:
-            return whole
-        if len(event.audio) - split < TARGET_SAMPLE_RATE // 10:
-            return head  # the pause is the utterance's end
-        tail_request = dataclasses.replace(request, context=f"{request.context} {head.text}".strip())
-        tail = await self.scheduler.decode(
-            event.audio[split:], tail_request, self.telemetry.decode("final", index, start + cut, event.end)
-        )
-        return join_hypotheses(head, tail, cut)
-
-    async def _remember(self, decode: asyncio.Future, before: asyncio.Future | None) -> None:
-        """Adds an utterance's final to the context, after the finals before it."""
-        if before is not None:
-            await before
-        try:
-            self._context.add(await asyncio.shield(decode))
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            self._context.add(None)  # a failed decode: start afresh
-
-    def _speculate_final(self, event: EndpointLikely) -> None:
-        if self._interim is not None and not self._interim.done():
-            self._interim.cancel()  # the speculative final covers all of its audio
-        self._speculation = self._decode_final(event, self._window, speculative=True)
-
-    def _discard_speculation(self) -> None:
-        if self._speculation is not None:
-            self._speculation.cancel()  # unrun: skipped; already running: its result is ignored
-            self._speculation = None
-            self.telemetry.speculation_resolved(used=False)
-
-    def _take_speculation(self, event: UtteranceEnded) -> asyncio.Future | None:
-        """The speculative decode, if the recognizer says it decoded this utterance's audio."""
-        if self._speculation is None or not event.foreseen:
-            self._discard_speculation()  # e.g. split at the length limit
-            return None
-        decode, self._speculation = self._speculation, None
-        self.telemetry.speculation_resolved(used=True)
-        return decode
-
-    def _start_final(self, event: UtteranceEnded) -> None:
-        if self._interim is not None and not self._interim.done():
-            self._interim.cancel()
-        window, self._window = self._window, InterimWindow(self.settings.streaming.interim_window_ms / 1000)
-        # Delivered finals are dropped so an hours-long stream keeps a short list; a failed
-        # one stays until _deliver_finals reports it.
-        self._finals = [t for t in self._finals if not t.done() or (not t.cancelled() and t.exception())]
-        previous = self._finals[-1] if self._finals else None
-        decode = self._take_speculation(event) or self._decode_final(event, window, speculative=False)
-        self._context_ready = asyncio.ensure_future(self._remember(decode, self._context_ready))
-        self._finals.append(asyncio.create_task(self._run_final(event, decode, previous)))
-        self._add_backlog(event.end - event.start)
-
-    def _add_backlog(self, seconds: float) -> None:
+    def pending_finals(self, seconds: float) -> None:
         self._backlog_seconds += seconds
         if self._backlog_seconds > self.options.max_backlog_seconds:
             self._caught_up.clear()
         else:
             self._caught_up.set()
 
-    async def _run_final(
-        self, event: UtteranceEnded, decode: asyncio.Future, previous: asyncio.Task | None
-    ) -> None:
-        try:
-            hypothesis = await decode
-        finally:
-            self._add_backlog(-(event.end - event.start))
-            if previous is not None:
-                await asyncio.wait([previous])  # results leave in utterance order
-        if hypothesis.is_speech:
-            self._put(
-                stt_pb2.StreamingRecognizeResponse(result=final_result(hypothesis, event, self.settings))
-            )
-            self.telemetry.final_sent(event.utterance_index, event.speech_end)
-        else:
-            self.telemetry.utterance_done(event.utterance_index)
+    def can_take_interim(self) -> bool:
+        return self._out.qsize() < MAX_QUEUED_INTERIMS
 
-    async def _deliver_finals(self) -> None:
-        if self._finals:
-            await asyncio.wait(self._finals)
-        for task in self._finals:
-            if not task.cancelled() and task.exception() is not None:
-                logger.error("final decode failed", exc_info=task.exception())
-                raise SttError(
-                    grpc.StatusCode.INTERNAL,
-                    "STT_DECODE_FAILED",
-                    "decoding an utterance failed on the server",
-                )
+    def _put(self, response: stt_pb2.StreamingRecognizeResponse) -> None:
+        response.total_billed_time.CopyFrom(duration(self._received_seconds))
+        self._out.put_nowait(response)

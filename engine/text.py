@@ -126,3 +126,46 @@ def dropped_head(heard: str, decoded: str, min_words: int = MIN_DROPPED_WORDS) -
     if first is None or first.b > 1 or first.a < min_words:
         return 0
     return first.a
+
+
+# Words that end in a full stop without ending a sentence.
+ABBREVIATIONS = frozenset({"mr", "mrs", "ms", "dr", "st", "mt", "jr", "sr", "vs", "etc", "prof", "no"})
+SENTENCE_END = (".", "?", "!", "。", "？", "！")
+ONE_LETTER_WORDS = frozenset({"a", "i", "o"})
+
+
+def ends_sentence(text: str) -> bool:
+    """Whether ``text`` ends a sentence: its last word ends in . ? or ! and is neither an
+    abbreviation ("Mr.") nor an initial ("J.")."""
+    words = text.split()
+    if not words or not words[-1].endswith(SENTENCE_END):
+        return False
+    key = word_key(words[-1])
+    return len(key) > 1 and key not in ABBREVIATIONS
+
+
+def agrees(final: str, heard: str, max_new_words: int, tail_words: int = 4) -> bool:
+    """Whether a final's text ends as the interims heard it: the last ``tail_words`` words of
+    ``heard`` before its last (often cut mid-word) are among the last words of ``final``, with
+    at most ``max_new_words`` words after them (spoken after that interim). Only the tail is
+    compared: a greedy interim and a beam final of a long utterance often differ in a word
+    somewhere earlier, and that says nothing about where it ends."""
+    final_keys = [word_key(w) for w in final.split() if word_key(w)]
+    settled = [word_key(w) for w in heard.split() if word_key(w)][:-1]
+    tail = settled[-tail_words:]
+    if not tail:
+        return False
+    end = final_keys[-(len(tail) + max_new_words) :]
+    return any(end[i : i + len(tail)] == tail for i in range(len(end) - len(tail) + 1))
+
+
+def leading_fragments(text: str) -> int:
+    """How many words at the start of ``text`` are lone letters that are not words ("S NOT"
+    for "ask not" heard from its last sound): an interim that starts inside a word."""
+    count = 0
+    for word in text.split():
+        key = word_key(word)
+        if len(key) != 1 or key in ONE_LETTER_WORDS or key.isdigit():
+            break
+        count += 1
+    return count

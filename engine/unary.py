@@ -17,8 +17,9 @@ from .api import stt_pb2
 from .audio import AudioDecoder
 from .context import SpokenContext
 from .errors import out_of_range
+from .finalization import FinalResult, drop_words_before
 from .model import DecodeRequest, SpeechModel
-from .recognizer import StreamingRecognizer, UtteranceEnded
+from .recognizer import SpeechStarted, StreamingRecognizer, UtteranceEnded
 from .scheduler import InferenceScheduler
 from .session import duration, final_result
 from .settings import RecognitionSettings
@@ -39,17 +40,24 @@ def segment(
     decoder: AudioDecoder,
     recognizer: StreamingRecognizer,
     cancelled: threading.Event,
-) -> list[UtteranceEnded]:
-    """The utterances of ``audio_content``, fed to the recognizer slice by slice (as a stream
+) -> list[tuple[UtteranceEnded, float | None]]:
+    """The utterances of ``audio_content``, each with the offset of the cut it continues
+    speech from (None: it starts afresh), fed to the recognizer slice by slice (as a stream
     would be), so that only one slice is ever held as float32 and ``cancelled`` is seen
     between slices. Raises SegmentationCancelled."""
-    events: list[UtteranceEnded] = []
+    events = []
     for samples in decoder.decode_in_slices(audio_content, SEGMENT_SLICE_SECONDS):
         if cancelled.is_set():
             raise SegmentationCancelled
-        events += [e for e in recognizer.accept(samples) if isinstance(e, UtteranceEnded)]
-    tail = recognizer.accept(decoder.flush()) + recognizer.finish()
-    return events + [e for e in tail if isinstance(e, UtteranceEnded)]
+        events += recognizer.accept(samples)
+    events += recognizer.accept(decoder.flush()) + recognizer.finish()
+    utterances, continues_at = [], None
+    for event in events:
+        if isinstance(event, SpeechStarted):
+            continues_at = event.offset if event.continued else None
+        elif isinstance(event, UtteranceEnded):
+            utterances.append((event, continues_at))
+    return utterances
 
 
 async def recognize(
@@ -86,20 +94,26 @@ async def recognize(
     response = stt_pb2.RecognizeResponse(total_billed_time=duration(seconds))
     events.reverse()
     while events:
-        event = events.pop()  # a decoded utterance's audio is freed at once
+        event, continues_at = events.pop()  # a decoded utterance's audio is freed at once
         request = DecodeRequest(
             final=True,
             language=settings.language,
             prompt=settings.prompt,
-            context=context.text,
-            word_timestamps=settings.word_time_offsets,
+            context=context.prompt,
+            # Aligned to drop the words of the pre-roll before a cut (the utterance before's).
+            word_timestamps=settings.word_time_offsets or continues_at is not None,
             alternatives=settings.alternatives,
         )
         observer = telemetry.decode("final", event.utterance_index, event.start, event.end)
         # Cancelled here, the scheduler takes the queued decode back out (a running one ends
         # on its own), and no later utterance is queued.
         hypothesis = await scheduler.decode(event.audio, request, observer)
+        if continues_at is not None:
+            hypothesis = drop_words_before(hypothesis, continues_at - event.start)
         context.add(hypothesis)
         if hypothesis.is_speech:
-            response.results.append(final_result(hypothesis, event, settings))
+            final = FinalResult(
+                event.utterance_index, hypothesis, event.start, event.end, event.speech_end, event.reason
+            )
+            response.results.append(final_result(final, settings))
     return response
