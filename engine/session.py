@@ -49,7 +49,7 @@ from .scheduler import InferenceScheduler, StaleInterim
 from .settings import RecognitionSettings, recognition_settings
 
 if TYPE_CHECKING:
-    from otel import StreamTelemetry
+    from otel import DecodeTelemetry, StreamTelemetry
 
 logger = logging.getLogger(__name__)
 
@@ -477,24 +477,32 @@ class StreamSession:
         self,
         event: EndpointLikely | UtteranceEnded,
         window: InterimWindow,
-        observer,
+        observer: DecodeTelemetry,
         context_ready: asyncio.Future | None,
-    ) -> Hypothesis:
+    ) -> tuple[Hypothesis, list[DecodeTelemetry]]:
+        """The final's hypothesis, and the decodes that made it (for its latency breakdown)."""
         if context_ready is not None:
             await asyncio.shield(context_ready)  # the utterances before this one are in the context
         request = self._request(final=True)
         hypothesis = await self.scheduler.decode(event.audio, request, observer)
+        decodes = [observer]
         cut = window.head_cut(hypothesis.text) if hypothesis.is_speech else None
         if cut is None:
-            return hypothesis
-        return await self._decode_in_two(event, request, cut, hypothesis)
+            return hypothesis, decodes
+        return await self._decode_in_two(event, request, cut, hypothesis, decodes), decodes
 
     async def _decode_in_two(
-        self, event: EndpointLikely | UtteranceEnded, request: DecodeRequest, cut: float, whole: Hypothesis
+        self,
+        event: EndpointLikely | UtteranceEnded,
+        request: DecodeRequest,
+        cut: float,
+        whole: Hypothesis,
+        decodes: list[DecodeTelemetry],
     ) -> Hypothesis:
         """The final of the whole utterance left out its first words, which the interims heard
         before ``cut`` seconds: decode the audio before and after a pause near it apart, the
-        second part conditioned on the first as on an earlier utterance."""
+        second part conditioned on the first as on an earlier utterance. Each decode's observer
+        is added to ``decodes``."""
         # Split at a pause: the aligned word end can be a tenth of a second off, and the
         # sentence that was left out is often quiet speech running on for a few words the
         # interims did not hear either.
@@ -507,17 +515,15 @@ class StreamSession:
         )
         split = round(cut * TARGET_SAMPLE_RATE)
         index, start = event.utterance_index, event.start
-        head = await self.scheduler.decode(
-            event.audio[:split], request, self.telemetry.decode("final", index, start, start + cut)
-        )
+        decodes.append(self.telemetry.decode("final", index, start, start + cut))
+        head = await self.scheduler.decode(event.audio[:split], request, decodes[-1])
         if not head.is_speech:
             return whole
         if len(event.audio) - split < TARGET_SAMPLE_RATE // 10:
             return head  # the pause is the utterance's end
         tail_request = dataclasses.replace(request, context=f"{request.context} {head.text}".strip())
-        tail = await self.scheduler.decode(
-            event.audio[split:], tail_request, self.telemetry.decode("final", index, start + cut, event.end)
-        )
+        decodes.append(self.telemetry.decode("final", index, start + cut, event.end))
+        tail = await self.scheduler.decode(event.audio[split:], tail_request, decodes[-1])
         return join_hypotheses(head, tail, cut)
 
     async def _remember(self, decode: asyncio.Future, before: asyncio.Future | None) -> None:
@@ -525,7 +531,8 @@ class StreamSession:
         if before is not None:
             await before
         try:
-            self._context.add(await asyncio.shield(decode))
+            hypothesis, _ = await asyncio.shield(decode)
+            self._context.add(hypothesis)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -575,7 +582,7 @@ class StreamSession:
         self, event: UtteranceEnded, decode: asyncio.Future, previous: asyncio.Task | None
     ) -> None:
         try:
-            hypothesis = await decode
+            hypothesis, decodes = await decode
         finally:
             self._add_backlog(-(event.end - event.start))
             if previous is not None:
@@ -584,7 +591,7 @@ class StreamSession:
             self._put(
                 stt_pb2.StreamingRecognizeResponse(result=final_result(hypothesis, event, self.settings))
             )
-            self.telemetry.final_sent(event.utterance_index, event.speech_end)
+            self.telemetry.final_sent(event.utterance_index, event.speech_end, decodes)
         else:
             self.telemetry.utterance_done(event.utterance_index)
 
