@@ -9,7 +9,8 @@ continuous speech), every long-form is streamed to a real server over gRPC in 10
 - clips lost: clips of which no final word lies within the clip's time span;
 - WER of the whole streamed transcript against the whole reference, and of offline
   faster-whisper (beam 5, same model, its defaults) on exactly the audio the server heard;
-- final latency per clip, from the clip's end and from its last word (real time only).
+- final latency per clip, from the clip's end and from its last word (real time only);
+- words said twice at piece joins (``bench.streaming.words_said_twice``): 0 expected.
 
 Offline transcripts are cached by the audio's hash under ``--out``/offline-cache.
 
@@ -34,7 +35,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.audio_sets import CONDITIONS, LongForm, build  # noqa: E402
-from bench.streaming import cpu_seconds, fmt, percentile, seconds, start_server  # noqa: E402
+from bench.streaming import (  # noqa: E402
+    cpu_seconds,
+    fmt,
+    percentile,
+    seconds,
+    start_server,
+    words_said_twice,
+)
 from engine.api import stt_pb2  # noqa: E402
 from engine.client import SpeechClient, chunk_bytes, paced  # noqa: E402
 from engine.model import resolve_model_path  # noqa: E402
@@ -146,6 +154,11 @@ def run_condition(condition: str, target: str, pid: int, args, model_holder: dic
     references = [form.transcript for form in forms]
     hypotheses = [" ".join(f.text for f in s.finals) for s in streamed]
     lost = {form.name: lost_clips(form, s) for form, s in zip(forms, streamed)}
+    repeats = [
+        phrase
+        for form, s in zip(forms, streamed)
+        for phrase in words_said_twice([f.text for f in s.finals], form.transcript)
+    ]
     clip_end, word_end = [], []
     for form, s in zip(forms, streamed):
         a, b = clip_latencies(form, s)
@@ -167,6 +180,8 @@ def run_condition(condition: str, target: str, pid: int, args, model_holder: dic
         "wer_offline": corpus_wer(references, offline),
         "cpu_per_audio_second": cpu / audio_seconds,
         "offline_forms_without_text": offline_lost,
+        "duplicated_words": sum(len(phrase.split()) for phrase in repeats),
+        "duplicated_phrases": repeats[:20],
     }
     if args.speed == 1:
         row.update(
@@ -186,8 +201,8 @@ def run_condition(condition: str, target: str, pid: int, args, model_holder: dic
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| condition | long-forms / clips / audio | clips lost | WER streaming | WER offline | "
-        "final after clip end p50 / p95 (s) | final after last word p50 / p95 (s) |",
-        "|---|---|---|---|---|---|---|",
+        "final after clip end p50 / p95 (s) | final after last word p50 / p95 (s) | words said twice |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -195,7 +210,8 @@ def markdown(rows: list[dict]) -> str:
             f"{r['lost']} | "
             f"{100 * r['wer_streaming']:.2f}% | {100 * r['wer_offline']:.2f}% | "
             f"{fmt(r.get('clip_end_latency_p50'))} / {fmt(r.get('clip_end_latency_p95'))} | "
-            f"{fmt(r.get('word_end_latency_p50'))} / {fmt(r.get('word_end_latency_p95'))} |"
+            f"{fmt(r.get('word_end_latency_p50'))} / {fmt(r.get('word_end_latency_p95'))} | "
+            f"{r.get('duplicated_words', '-')} |"
         )
     return "\n".join(lines)
 

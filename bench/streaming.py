@@ -18,7 +18,14 @@ Figures, per stream and clip or final:
 - first result: arrival of a clip's first interim or final minus the clip's start;
 - WER: the whole streamed transcript (every final, in order) against the whole
   reference, scored exactly as the offline transcript is;
-- CPU: the server process's user+system seconds per second of audio of admitted streams.
+- CPU: the server process's user+system seconds per second of audio of admitted streams;
+- words said twice at piece joins (``words_said_twice``), per run: 0 expected;
+- with ``--telemetry``, the server's own latency breakdown of every final (the ``stt.utterance``
+  spans it exports, ``latency_breakdown``): p50 / p95 of the endpoint wait, queue wait, decode
+  time, ordering wait and the decode time hidden before the endpoint, overall, by utterance
+  length class and by endpoint reason. Its latency starts when the audio of the speech end (as
+  the server's VAD places it) arrives, so it is shorter than the figures above, which start at
+  the last word's end as the client sees it and include the trip back.
 Offline faster-whisper (beam 5, same model, same threads, warmed up like the server) on the
 same audio, in the same run, is the reference line.
 
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import difflib
 import json
 import os
 import subprocess
@@ -46,6 +54,7 @@ sys.path.insert(0, str(REPO))
 from engine.audio import read_audio_file  # noqa: E402
 from engine.client import SpeechClient, StreamConfig  # noqa: E402
 from engine.model import resolve_model_path  # noqa: E402
+from otel.instruments import LENGTH_CLASSES  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -184,9 +193,12 @@ def score(records: list[StreamRecord], forms: list[list[Segment]]) -> dict:
     normalize = EnglishTextNormalizer()
     clip_end_latencies, word_latencies, first_results, references, hypotheses = [], [], [], [], []
     admitted = [(r, f) for r, f in zip(records, forms) if not is_refused(r)]
+    repeats = []
     for record, segments in admitted:
-        references.append(normalize(" ".join(seg.transcript for seg in segments)))
+        reference = " ".join(seg.transcript for seg in segments)
+        references.append(normalize(reference))
         hypotheses.append(normalize(" ".join(f.text for f in record.finals)))
+        repeats += words_said_twice([f.text for f in record.finals], reference)
         word_latencies += [f.arrival - f.last_word_end for f in record.finals if f.last_word_end is not None]
         for seg in segments:
             mine = [f for f in record.finals if seg.start - 0.5 <= f.start < seg.end]
@@ -209,6 +221,101 @@ def score(records: list[StreamRecord], forms: list[list[Segment]]) -> dict:
         "refused": len(refused),
         "refused_within_s": max((r.wall for r in refused), default=None),
         "behind_real_time": sum(r.wall > len_seconds(segments) + 5 for r, segments in admitted),
+        "duplicated_words": sum(len(phrase.split()) for phrase in repeats),
+        "duplicated_phrases": repeats[:20],
+    }
+
+
+def words_said_twice(finals: list[str], reference: str) -> list[str]:
+    """The words a stream said twice where one final ends and the next begins.
+
+    Both sides are normalised with Whisper's English normaliser and split into words. For
+    each pair of consecutive non-empty finals A, B of a stream, take the largest k in 3, 2, 1
+    for which A's last k words equal B's first k words. That is a repeat of k words unless
+    the reference says them twice at that point: the finals' words, joined in order, are
+    aligned to the reference's words (``difflib``, longest matching blocks), and the
+    reference holds the doubled phrase (the k words, then the same k words) starting within
+    2k + 3 words of where the join falls. Returns the repeated phrase of every repeat
+    counted; the figure reported is the number of words in them.
+    """
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    normalize = EnglishTextNormalizer()
+    pieces = [words for words in (normalize(text).split() for text in finals) if words]
+    said = [word for words in pieces for word in words]
+    heard = normalize(reference).split()
+    blocks = difflib.SequenceMatcher(None, said, heard, autojunk=False).get_matching_blocks()
+    repeats, join = [], 0
+    for before, after in zip(pieces, pieces[1:]):
+        join += len(before)
+        size = next(
+            (k for k in (3, 2, 1) if len(before) >= k and len(after) >= k and before[-k:] == after[:k]), 0
+        )
+        if not size:
+            continue
+        doubled = after[:size] * 2
+        at = _aligned(blocks, join)
+        starts = range(max(0, at - 2 * size - 3), at + 4)
+        if not any(heard[i : i + 2 * size] == doubled for i in starts):
+            repeats.append(" ".join(after[:size]))
+    return repeats
+
+
+def _aligned(blocks, index: int) -> int:
+    """The reference position that word ``index`` of the transcript aligns with."""
+    position = 0
+    for block in blocks:
+        if block.a > index:
+            break
+        position = block.b + min(index - block.a, block.size)
+    return position
+
+
+def span_attributes(span) -> dict:
+    """An OTLP span's attributes as a dict of plain values."""
+    values = {}
+    for pair in span.attributes:
+        kind = pair.value.WhichOneof("value")
+        values[pair.key] = getattr(pair.value, kind) if kind else None
+    return values
+
+
+BREAKDOWN_PARTS = {
+    "latency": "stt.final.latency",
+    "endpoint_wait": "stt.final.endpoint_wait",
+    "queue_wait": "stt.final.queue_wait",
+    "decode": "stt.final.decode_duration",
+    "ordering_wait": "stt.final.ordering_wait",
+    "hidden_decode": "stt.final.hidden_decode_duration",
+}
+
+
+def latency_breakdown(spans) -> dict:
+    """p50 / p95 of each part of the server's final latency, from the ``stt.utterance`` spans
+    of finals: overall, by ``stt.utterance.length_class`` and by endpoint reason."""
+    finals = [a for a in map(span_attributes, spans) if "stt.final.latency" in a]
+
+    def stats(group: list[dict]) -> dict:
+        figures: dict = {
+            "finals": len(group),
+            "speculative_share": sum(a["stt.final.speculative"] for a in group) / len(group),
+        }
+        for part, key in BREAKDOWN_PARTS.items():
+            values = [a[key] for a in group]
+            figures[part] = {"p50": percentile(values, 50), "p95": percentile(values, 95)}
+        return figures
+
+    def grouped(key: str, order: list[str] | None = None) -> dict:
+        present = {a[key] for a in finals}
+        names = [n for n in order or [] if n in present] + sorted(present - set(order or []))
+        return {name: stats([a for a in finals if a[key] == name]) for name in names}
+
+    if not finals:
+        return {"overall": None, "by_length_class": {}, "by_endpoint_reason": {}}
+    return {
+        "overall": stats(finals),
+        "by_length_class": grouped("stt.utterance.length_class", [name for name, _ in LENGTH_CLASSES]),
+        "by_endpoint_reason": grouped("stt.utterance.endpoint_reason"),
     }
 
 
@@ -279,6 +386,7 @@ def bench_server(audio, segments, streams: int, args) -> dict:
     if args.telemetry:  # export everything to a real OTLP receiver in this process
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": args.receiver.endpoint}
     max_streams = str(args.max_streams or max(streams, 32))
+    spans_before = len(args.receiver.spans()) if args.telemetry else 0
     server = start_server(
         target,
         "--workers",
@@ -310,8 +418,10 @@ def bench_server(audio, segments, streams: int, args) -> dict:
         cpu = cpu_seconds(server.pid) - cpu_before
     finally:
         server.terminate()
-        server.wait(timeout=60)
+        server.wait(timeout=60)  # its telemetry is flushed before it exits
     result = score(records, [segs for _, segs in forms])
+    if args.telemetry:
+        result["latency_breakdown"] = latency_breakdown(args.receiver.spans()[spans_before:])
     audio_seconds = result["admitted"] * len(audio) / 16000  # refused streams sent nothing
     result.update(
         streams=streams,
@@ -406,6 +516,9 @@ def main() -> None:
         json.dumps({"offline": offline, "runs": rows, "capacity": capacity}, indent=2)
     )
     print(markdown(offline, rows))
+    if args.telemetry:
+        print("\nWhere the server's final latency went (stt.utterance spans):\n")
+        print(breakdown_markdown(rows))
     print(f"\ncapacity: {capacity} real-time streams, p95 final latency <= 1.5 s by both definitions")
     if args.plot:
         plot(rows, args.out / f"latency_vs_streams{suffix}.png")
@@ -445,8 +558,9 @@ def markdown(offline: dict, rows: list[dict]) -> str:
         "",
         "| streams | final after last word p50 / p95 (s) | final after clip end p50 / p95 (s) | "
         "first result p50 (s) | CPU-s per audio-s | "
-        "vs offline | WER % | WER delta (points) | errors / refused | RSS start / max (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "vs offline | WER % | WER delta (points) | errors / refused | RSS start / max (MB) | "
+        "words said twice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
@@ -454,8 +568,34 @@ def markdown(offline: dict, rows: list[dict]) -> str:
             f"{fmt(r['final_latency_p50'])} / {fmt(r['final_latency_p95'])} | "
             f"{fmt(r['first_result_p50'])} | {r['cpu_per_audio_second']:.3f} | "
             f"{r['cpu_ratio_vs_offline']:.2f}x | {100 * r['wer']:.2f} | {r['wer_delta_points']:+.2f} | "
-            f"{r['errors']} / {r.get('refused', 0)} | {r['rss_start_mb']:.0f} / {r['rss_max_mb']:.0f} |"
+            f"{r['errors']} / {r.get('refused', 0)} | {r['rss_start_mb']:.0f} / {r['rss_max_mb']:.0f} | "
+            f"{r.get('duplicated_words', '-')} |"
         )
+    return "\n".join(lines)
+
+
+def breakdown_markdown(rows: list[dict]) -> str:
+    """One line per run and group (all finals, each length class, each endpoint reason):
+    p50 / p95 of every part of the final latency, in seconds."""
+    parts = list(BREAKDOWN_PARTS)
+    header = " | ".join(f"{part.replace('_', ' ')} p50 / p95" for part in parts)
+    lines = [
+        f"| streams | finals of | count | speculative | {header} |",
+        "|---|---|---|---|" + "---|" * len(parts),
+    ]
+    for r in rows:
+        breakdown = r.get("latency_breakdown") or {}
+        groups = [("all", breakdown.get("overall"))]
+        groups += list((breakdown.get("by_length_class") or {}).items())
+        groups += [(f"ended by {k}", v) for k, v in (breakdown.get("by_endpoint_reason") or {}).items()]
+        for name, figures in groups:
+            if not figures:
+                continue
+            cells = " | ".join(f"{fmt(figures[p]['p50'])} / {fmt(figures[p]['p95'])}" for p in parts)
+            lines.append(
+                f"| {r['streams']} | {name} | {figures['finals']} | "
+                f"{100 * figures['speculative_share']:.0f}% | {cells} |"
+            )
     return "\n".join(lines)
 
 

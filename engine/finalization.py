@@ -560,6 +560,6 @@ class Finalizer:
                     outcome.decodes,
                 )
             )
-            self.telemetry.final_sent(event.utterance_index, event.speech_end)
+            self.telemetry.final_sent(event.utterance_index, event.speech_end, outcome.decodes)
         else:
             self.telemetry.utterance_done(event.utterance_index)

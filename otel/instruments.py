@@ -3,7 +3,8 @@
 Names follow OpenTelemetry conventions (``rpc.server.call.duration``) and an
 ``stt.`` namespace for the engine; units are UCUM. Attributes are low-cardinality
 only: method, status code, decode kind, error reason, model name, the authenticated client
-identity (as many as the configured tokens and certificates). Never stream ids.
+identity (as many as the configured tokens and certificates), the phase, length class and
+endpoint reason of a final's latency. Never stream ids.
 Prometheus sees ``.`` as ``_``, a unit suffix, and ``_total`` on counters.
 """
 
@@ -15,6 +16,18 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0
 CALL_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 CHUNK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
+
+# Utterance length classes of the final latency breakdown: (class, upper bound of the speech in
+# seconds). Short: a command or a short sentence, decoded in a few hundred ms; long: a read
+# sentence of 8 s or more, whose whole-utterance decode dominates its final's latency.
+LENGTH_CLASSES = (("short", 3.0), ("medium", 8.0), ("long", float("inf")))
+# The parts of a final's latency (otel.telemetry.LatencyBreakdown), the values of stt.final.phase.
+FINAL_PHASES = ("endpoint_wait", "queue_wait", "decode", "ordering_wait")
+
+
+def length_class(speech_seconds: float) -> str:
+    """``short`` below 3 s of speech, ``medium`` below 8 s, ``long`` from 8 s."""
+    return next(name for name, bound in LENGTH_CLASSES if speech_seconds < bound)
 
 
 class Instruments:
@@ -62,6 +75,17 @@ class Instruments:
             "stt.final.latency",
             unit="s",
             description="Time from the end of speech to its final result (endpoint silence included)",
+            explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
+        )
+        # One histogram split by phase rather than one per phase: the phases add up to
+        # stt.final.latency, as cpu.mode splits system.cpu.time, and one query stacks them.
+        self.final_phase_duration = histogram(
+            "stt.final.phase.duration",
+            unit="s",
+            description=(
+                "Part of a final's latency spent in one phase (endpoint_wait, queue_wait, decode, "
+                "ordering_wait), by utterance length class and endpoint reason"
+            ),
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS,
         )
         self.realtime_factor = histogram(

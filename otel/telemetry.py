@@ -4,7 +4,8 @@ Trace shape of one stream (``stt.v1.Speech/StreamingRecognize``, kind SERVER):
 
     stt.v1.Speech/StreamingRecognize          the whole stream, final gRPC status
     ├── stt.chunk                             audio between utterances
-    ├── stt.utterance                         speech onset to its final result
+    ├── stt.utterance                         speech onset to its final result, and where
+    │   │                                     the final's latency went (LatencyBreakdown)
     │   ├── stt.chunk ...                     every chunk received inside it
     │   ├── stt.decode.interim ...            greedy decodes, linked to their chunks
     │   └── stt.decode.final                  the final decode, linked to its chunks
@@ -26,13 +27,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
-from .instruments import Instruments
+from .instruments import Instruments, length_class
 from .options import TelemetryOptions
 
 logger = logging.getLogger(__name__)
@@ -64,6 +66,106 @@ RECENT_CHUNKS = 600  # chunk span contexts kept for decode links (60 s at 100 ms
 # W3C Trace Context: a vendor must pass on at least 512 characters of tracestate and may drop
 # a longer one. Dropped before extraction: the API parses up to 8 KB, and logs what it cannot.
 MAX_TRACESTATE_CHARS = 512
+
+
+@dataclass
+class DecodeTiming:
+    """When one decode waited and ran (``time.perf_counter`` seconds), and its model time.
+
+    Attributes:
+        queued_at: when it was queued for an inference worker.
+        started_at: when a worker took it (``queued_at`` plus its queue wait).
+        finished_at: when its result was back on the event loop; None until then.
+        model_seconds: encoder and decoder time (``Hypothesis``), at most
+            ``finished_at - started_at``.
+        speculative: started before its utterance's endpoint was certain.
+    """
+
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    model_seconds: float = 0.0
+    speculative: bool = False
+
+
+@dataclass
+class LatencyBreakdown:
+    """Where a final's latency went, in seconds. The four phases add up to ``latency``.
+
+    Attributes:
+        latency: from the arrival of the audio at the utterance's speech end to the final's
+            delivery (``stt.final.latency``).
+        endpoint_wait: from that arrival to the endpoint decision (the silence the endpoint
+            waited for, as the audio arrived).
+        queue_wait: time the final's decodes waited for a worker after the decision.
+        decode: model time of the final's decodes after the decision.
+        ordering_wait: the rest: waiting for the finals before it (the context a final is
+            prompted with, and their delivery, as results leave in order), and the hand-offs
+            between the event loop and the workers.
+        hidden_decode: model time of the final's decodes before the decision (a speculative
+            final started in the pause): spent, but not waited for.
+        decodes: model calls that made the final (two or three when it was decoded in parts).
+        speculative: its first decode started before the endpoint decision.
+    """
+
+    latency: float
+    endpoint_wait: float
+    queue_wait: float
+    decode: float
+    ordering_wait: float
+    hidden_decode: float
+    decodes: int
+    speculative: bool
+
+    def phases(self) -> dict[str, float]:
+        """The parts that add up to ``latency``, by ``stt.final.phase``."""
+        return {
+            "endpoint_wait": self.endpoint_wait,
+            "queue_wait": self.queue_wait,
+            "decode": self.decode,
+            "ordering_wait": self.ordering_wait,
+        }
+
+
+def _overlap(start: float, end: float, low: float, high: float) -> float:
+    return max(0.0, min(end, high) - max(start, low))
+
+
+def latency_breakdown(
+    arrived: float, decided: float, delivered: float, decodes: Sequence[DecodeTiming]
+) -> LatencyBreakdown:
+    """Splits ``delivered - arrived`` at the endpoint decision (``decided``) and along the
+    decodes' queue and run intervals, which follow one another.
+
+    Only what happens after both the arrival and the decision is waited for: a decode that ran
+    before it (speculation) counts as ``hidden_decode``. A decode's model time is shared between
+    before and after in proportion to its run time on each side; the run time that is not model
+    time (thread hand-offs) falls to ``ordering_wait``.
+    """
+    latency = max(0.0, delivered - arrived)
+    endpoint_wait = min(latency, max(0.0, decided - arrived))
+    waited_from = max(arrived, decided)
+    queue_wait = decode = hidden = 0.0
+    done = [d for d in decodes if d.finished_at is not None and d.started_at is not None]
+    for timing in done:
+        queued_at = timing.queued_at if timing.queued_at is not None else timing.started_at
+        queue_wait += _overlap(queued_at, timing.started_at, waited_from, delivered)
+        run = timing.finished_at - timing.started_at
+        after = _overlap(timing.started_at, timing.finished_at, waited_from, delivered)
+        model_after = timing.model_seconds * (after / run) if run > 0 else 0.0
+        decode += model_after
+        hidden += timing.model_seconds - model_after
+    ordering_wait = max(0.0, latency - endpoint_wait - queue_wait - decode)
+    return LatencyBreakdown(
+        latency=latency,
+        endpoint_wait=endpoint_wait,
+        queue_wait=queue_wait,
+        decode=decode,
+        ordering_wait=ordering_wait,
+        hidden_decode=hidden,
+        decodes=len(done),
+        speculative=bool(done) and done[0].speculative,
+    )
 
 
 def resource_from_env(attributes: dict[str, Any]):
@@ -392,6 +494,8 @@ class StreamTelemetry(CallTelemetry):
         # (audio start, audio end, arrival time, span context or None), newest last
         self._recent: deque[tuple[float, float, float, Any]] = deque(maxlen=RECENT_CHUNKS)
         self._utterances: dict[int, tuple[Any, Any, float]] = {}  # index -> span, ctx, onset time
+        # index -> (endpoint decision time, speech seconds, endpoint reason), until its final
+        self._endpoints: dict[int, tuple[float, float, str]] = {}
         self._first_result_sent: set[int] = set()
         self._current_utterance: int | None = None
 
@@ -463,6 +567,8 @@ class StreamTelemetry(CallTelemetry):
         self._current_utterance = index
 
     def utterance_ended(self, index: int, start: float, end: float, speech_end: float, reason: str) -> None:
+        """The endpoint decision (now): the utterance's audio is complete, ``reason`` says why."""
+        self._endpoints[index] = (time.perf_counter(), speech_end - start, reason)
         entry = self._utterances.get(index)
         if entry is not None:
             entry[0].set_attributes(
@@ -526,7 +632,12 @@ class StreamTelemetry(CallTelemetry):
             latency = time.perf_counter() - entry[2]
             self.instruments.first_result_latency.record(latency, {"stt.result.kind": kind}, context=entry[1])
 
-    def final_sent(self, utterance_index: int, speech_end: float) -> None:
+    def final_sent(
+        self, utterance_index: int, speech_end: float, decodes: Sequence[DecodeTelemetry] = ()
+    ) -> None:
+        """The utterance's final was delivered; ``decodes``: the decodes whose results made it,
+        in the order they ran."""
+        delivered = time.perf_counter()
         self.instruments.results.add(1, {"stt.result.kind": "final"})
         self._first_result(utterance_index, "final")
         arrived = self._arrival(speech_end)
@@ -535,11 +646,47 @@ class StreamTelemetry(CallTelemetry):
             # (the caller may run outside the call's context, where no span is current).
             entry = self._utterances.get(utterance_index)
             context = entry[1] if entry is not None else self.span_context
-            self.instruments.final_latency.record(time.perf_counter() - arrived, context=context)
+            self.instruments.final_latency.record(delivered - arrived, context=context)
+            endpoint = self._endpoints.get(utterance_index)
+            if endpoint is not None:
+                decided, speech_seconds, reason = endpoint
+                breakdown = latency_breakdown(arrived, decided, delivered, [d.timing for d in decodes])
+                self._record_breakdown(breakdown, speech_seconds, reason, entry, context)
         self.utterance_done(utterance_index)
+
+    def _record_breakdown(
+        self, breakdown: LatencyBreakdown, speech_seconds: float, reason: str, entry, context
+    ) -> None:
+        length = length_class(speech_seconds)
+        if entry is not None:
+            entry[0].set_attributes(
+                {
+                    "stt.final.latency": breakdown.latency,
+                    "stt.final.endpoint_wait": breakdown.endpoint_wait,
+                    "stt.final.queue_wait": breakdown.queue_wait,
+                    "stt.final.decode_duration": breakdown.decode,
+                    "stt.final.ordering_wait": breakdown.ordering_wait,
+                    "stt.final.hidden_decode_duration": breakdown.hidden_decode,
+                    "stt.final.decode_count": breakdown.decodes,
+                    "stt.final.speculative": breakdown.speculative,
+                    "stt.utterance.speech_duration": speech_seconds,
+                    "stt.utterance.length_class": length,
+                }
+            )
+        for phase, seconds in breakdown.phases().items():
+            self.instruments.final_phase_duration.record(
+                seconds,
+                {
+                    "stt.final.phase": phase,
+                    "stt.utterance.length_class": length,
+                    "stt.utterance.endpoint_reason": reason,
+                },
+                context=context,
+            )
 
     def utterance_done(self, utterance_index: int) -> None:
         self._first_result_sent.discard(utterance_index)
+        self._endpoints.pop(utterance_index, None)
         entry = self._utterances.pop(utterance_index, None)
         if entry is not None:
             entry[0].end()
@@ -591,6 +738,7 @@ class DecodeTelemetry:
         )
         self._context = trace.set_span_in_context(self.span)
         self._queued = False
+        self.timing = DecodeTiming(speculative=speculative)
 
     def queued(self) -> None:
         self._queued = True
@@ -599,6 +747,8 @@ class DecodeTelemetry:
     def dequeued(self, waited: float) -> None:
         if self._queued:
             self._queued = False
+            self.timing.started_at = time.perf_counter()
+            self.timing.queued_at = self.timing.started_at - waited
             self.instruments.queue_depth.add(-1)
             self.instruments.queue_wait.record(waited, {"stt.decode.kind": self.kind})
             self.span.set_attribute("stt.inference.queue_wait", waited)
@@ -614,6 +764,8 @@ class DecodeTelemetry:
     def finished(self, hypothesis) -> None:
         h = hypothesis
         model_seconds = h.encode_seconds + h.decode_seconds
+        self.timing.finished_at = time.perf_counter()
+        self.timing.model_seconds = model_seconds
         self.call.decode_seconds += model_seconds
         self.instruments.decode_duration.record(model_seconds, {"stt.decode.kind": self.kind})
         self.span.set_attributes(

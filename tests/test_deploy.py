@@ -893,6 +893,7 @@ def test_grafana_dashboard_covers_the_engine_with_exemplars():
         "stt_realtime_factor_bucket",
         "stt_first_interim_latency_seconds_bucket",
         "stt_final_latency_seconds_bucket",
+        "stt_final_phase_duration_seconds_bucket",
         "stt_decode_duration_seconds_bucket",
         "stt_inference_queue_depth",
         "stt_inference_queue_wait_seconds_bucket",
@@ -915,6 +916,11 @@ def test_grafana_dashboard_covers_the_engine_with_exemplars():
                 assert target["exemplar"] is True, (panel["title"], target["expr"])
                 latency_graphs += "stt_final_latency" in target["expr"] or "first_interim" in target["expr"]
     assert latency_graphs == 6  # p50/p95/p99 of final latency and of time to first interim
+    # Where final latency goes: each phase's p95, stacked.
+    (breakdown,) = [panel for panel in panels if panel["title"] == "Final latency breakdown"]
+    assert breakdown["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
+    (phases,) = breakdown["targets"]
+    assert "sum by (le, stt_final_phase) (rate(stt_final_phase_duration_seconds_bucket" in phases["expr"]
     # Queries do not depend on the scrape job: the same dashboard serves collector and engine scrapes.
     assert "job=" not in text
     assert any(panel["type"] == "logs" and panel["datasource"]["type"] == "loki" for panel in panels)
