@@ -22,6 +22,7 @@ from tests.test_telemetry import attributes
 
 # The phases are computed to add up to the latency; exported as doubles, they do to rounding.
 SUM_TOLERANCE = 1e-6
+ENDPOINT_REASONS = {"silence", "end_of_stream", "max_length", "confident", "sentence"}
 # The server's latency starts when the chunk holding the speech end has been processed, the
 # client's when it sent that chunk: the server's is the shorter by the trip and the processing.
 CLIENT_TOLERANCE = 0.15
@@ -255,11 +256,12 @@ def test_every_final_carries_a_breakdown_that_adds_up(broken_down):
             )
             assert utterance["stt.utterance.length_class"] == length_class(speech)
             classes.add(utterance["stt.utterance.length_class"])
-            assert utterance["stt.utterance.endpoint_reason"] in {"silence", "end_of_stream", "max_length"}
+            assert utterance["stt.utterance.endpoint_reason"] in ENDPOINT_REASONS
             if utterance["stt.utterance.endpoint_reason"] == "silence":
                 # The endpoint waits for silence, real time: a few hundred ms, not nothing.
                 assert 0.1 < utterance["stt.final.endpoint_wait"] < 2.0, utterance
-    assert {"short", "long"} <= classes, classes
+    # lj001-0001's 9.7 s may be cut at a sentence end into medium finals.
+    assert "short" in classes and classes & {"medium", "long"}, classes
 
 
 def test_the_latency_is_what_the_client_waited(broken_down):
