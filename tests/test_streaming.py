@@ -128,9 +128,12 @@ def test_a_long_form_with_room_noise_gaps_recovers_every_clip(server_factory, cl
     assert wer([form.transcript], [text]) < 0.1, text
 
 
-def test_interim_interval_sets_the_interim_cadence(server, jfk):
+def test_interim_interval_sets_the_interim_cadence(server_factory, jfk):
+    # A 3 s endpoint, and no early finals, make the speech one 11 s utterance: room for
+    # several sparse interims.
+    server = server_factory("--early-finals", "off")
+
     def interims(interval_ms: int) -> list:
-        # A 3 s endpoint makes the speech one 11 s utterance: room for several sparse interims.
         config = StreamConfig(interim_results=True, interim_interval_ms=interval_ms, silence_duration_ms=3000)
         responses, _ = stream_clip(server.target, jfk, config)
         return [r.result for r in responses if r.HasField("result") and not r.result.is_final]
