@@ -6,6 +6,8 @@ the encoder. For streaming that is most of the cost: a 3 s utterance would pay a
 utterance plus a little padding (at least ``min_encoder_frames``, which keeps
 Whisper from looping on very short inputs), then runs the CTranslate2 decoder
 with Whisper's temperature fallback, as offline transcription does.
+``SpeechModel.decode_batch`` does the same for several utterances of many streams
+with one encoder pass and shared decoder calls; ``decode`` is a batch of one.
 """
 
 from __future__ import annotations
@@ -400,7 +402,7 @@ class SpeechModel:
         checks are applied per item: only the items that fail them are decoded again at the
         next fallback temperature, on their own rows of the encoder output. Padding to a
         longer item is the one difference from decoding alone: the encoder attends over the
-        padding too, so the scheduler batches items of close lengths only.
+        padding too, so the scheduler batches items of equal encoder lengths only.
         """
         started = time.perf_counter()
         jobs = [self._job(index, audio, request) for index, (audio, request) in enumerate(items)]
@@ -428,14 +430,20 @@ class SpeechModel:
             self._align_words(batch, group)
 
         encode_share = (encoded - started) / len(jobs)
+        elapsed = time.perf_counter() - started
         hypotheses = [job.hypothesis(encode_share, batch) for job in jobs]
-        logger.debug(
-            "decode batch of %d: %d encoder frames, %.3f s",
-            len(jobs),
-            frames,
-            time.perf_counter() - started,
-            extra={"stt.decode.batch_size": len(jobs)},
-        )
+        for hypothesis, job in zip(hypotheses, jobs):
+            kind = "final" if job.request.final else "interim"
+            logger.debug(
+                "%s decode: %.2f s audio, %d encoder frames, %d tokens, batch of %d, %.3f s",
+                kind,
+                hypothesis.audio_seconds,
+                hypothesis.encoder_frames,
+                hypothesis.tokens,
+                batch.size,
+                elapsed,
+                extra={"stt.decode.kind": kind, "stt.decode.batch_size": batch.size},
+            )
         return hypotheses
 
     def _job(self, index: int, audio: np.ndarray, request: DecodeRequest) -> _Job:
