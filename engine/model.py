@@ -6,6 +6,8 @@ the encoder. For streaming that is most of the cost: a 3 s utterance would pay a
 utterance plus a little padding (at least ``min_encoder_frames``, which keeps
 Whisper from looping on very short inputs), then runs the CTranslate2 decoder
 with Whisper's temperature fallback, as offline transcription does.
+``SpeechModel.decode_batch`` does the same for several utterances of many streams
+with one encoder pass and shared decoder calls; ``decode`` is a batch of one.
 """
 
 from __future__ import annotations
@@ -88,8 +90,9 @@ class Hypothesis:
     failed_checks: bool = False  # what is sent failed Whisper's log-prob or loop checks
     looped: bool = False  # the text failed the loop checks (and was cut where it repeats)
     beam_size: int = 1
-    encode_seconds: float = 0.0
-    decode_seconds: float = 0.0
+    encode_seconds: float = 0.0  # this decode's share of its batch's encoder pass
+    decode_seconds: float = 0.0  # its share of the batch's generate and align calls
+    batch_size: int = 1  # decodes that shared its model calls (``SpeechModel.decode_batch``)
 
 
 def join_hypotheses(head: Hypothesis, tail: Hypothesis, tail_offset: float) -> Hypothesis:
@@ -148,11 +151,161 @@ def limit_blas_threads() -> None:
 class _Attempt:
     """One temperature's decode in Whisper's fallback."""
 
-    result: object
+    sequences: list[list[int]]  # token ids, best first
+    no_speech_prob: float
     avg_logprob: float
     temperature: float
     text: str
     looping: bool
+
+
+class _Batch:
+    """The encoder output of one ``decode_batch`` call, and its rows for a subset of jobs."""
+
+    def __init__(self, encoder_output, size: int, frames: int) -> None:
+        self.encoder_output = encoder_output
+        self.size = size
+        self.frames = frames
+        self._host: np.ndarray | None = None
+
+    def rows(self, indices: list[int]):
+        """The encoder output of the jobs at ``indices``, as a StorageView for CTranslate2.
+
+        CTranslate2 cannot index a StorageView, so a subset goes through a host copy (from
+        the GPU too: its generate and align accept a CPU input, as faster-whisper's
+        multi-GPU encode relies on) and back to the model's dtype.
+        """
+        if indices == list(range(self.size)):
+            return self.encoder_output
+        import ctranslate2
+
+        if self._host is None:
+            output = self.encoder_output
+            if output.dtype == ctranslate2.DataType.bfloat16:  # numpy has no bfloat16
+                output = output.to(ctranslate2.DataType.float32)
+            if str(output.device) != "cpu":
+                output = output.to_device(ctranslate2.Device.cpu)
+            self._host = np.asarray(output)
+        selected = ctranslate2.StorageView.from_array(np.ascontiguousarray(self._host[indices]))
+        if selected.dtype != self.encoder_output.dtype:
+            selected = selected.to(self.encoder_output.dtype)
+        return selected
+
+
+@dataclass
+class _Job:
+    """One item of a ``decode_batch`` call on its way to a hypothesis."""
+
+    index: int
+    request: DecodeRequest
+    features: np.ndarray
+    content_frames: int
+    audio_seconds: float
+    language: str | None
+    tokenizer: object = None
+    suppressed_tokens: list[int] = field(default_factory=list)
+    prompt: list[int] = field(default_factory=list)
+    max_length: int = 0
+    beam_size: int = 1
+    temperatures: tuple[float, ...] = (0.0,)
+    num_hypotheses: int = 1
+    attempts: list[_Attempt] = field(default_factory=list)
+    chosen: _Attempt | None = None
+    failed: bool = False
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+    confidence: float = 0.0
+    is_speech: bool = False
+    words: list[Word] = field(default_factory=list)
+    decode_seconds: float = 0.0
+
+    @property
+    def group_key(self) -> tuple:
+        """Jobs with equal keys can share a ``generate`` call."""
+        return (
+            self.request.final,
+            self.beam_size,
+            self.num_hypotheses,
+            self.temperatures,
+            tuple(self.suppressed_tokens),
+            self.prompt.index(self.tokenizer.sot),  # CTranslate2 needs it at one position
+        )
+
+    def may_have_run_to(self, result) -> bool:
+        """Whether ``result`` may be as long as this job's own token cap allows. CTranslate2
+        stops a Whisper sequence at about half of ``max_length`` minus the prompt (measured on
+        tiny.en: 4 tokens at 9 with a 2-token prompt, 12 at 24); a sequence shorter than that,
+        less a margin, ended on its own."""
+        longest = max(len(ids) for ids in result.sequences_ids)
+        return longest >= (self.max_length - len(self.prompt)) // 2 - 2
+
+    def attempt(self, result, temperature: float, opts: DecodeOptions) -> None:
+        """Judges one temperature's result by Whisper's checks; chosen when it passes."""
+        tokenizer = self.tokenizer
+        sequences = [list(ids) for ids in result.sequences_ids]
+        tokens = sequences[0]
+        # CTranslate2 returns the length-normalised score; recover Whisper's average.
+        avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
+        text = tokenizer.decode([t for t in tokens if t < tokenizer.eot]).strip()
+        attempt = _Attempt(
+            sequences,
+            float(result.no_speech_prob),
+            avg_logprob,
+            temperature,
+            text,
+            looping=compression_ratio(text) > opts.compression_ratio_threshold or is_repetition_loop(text),
+        )
+        silent = attempt.no_speech_prob > opts.no_speech_threshold and avg_logprob < opts.log_prob_threshold
+        improbable = avg_logprob < opts.log_prob_threshold and opts.fallback_on_low_logprob
+        if silent or not (attempt.looping or improbable):
+            self.chosen = attempt
+        else:
+            self.attempts.append(attempt)
+
+    def conclude(self, opts: DecodeOptions) -> None:
+        """The text to send, its confidence, and whether it is speech."""
+        self.failed = self.chosen is None or self.chosen.avg_logprob < opts.log_prob_threshold
+        if self.chosen is None:
+            # Every temperature failed Whisper's checks. Its own choice then: the most probable
+            # attempt among those that do not loop (all of them if every one loops).
+            candidates = [a for a in self.attempts if not a.looping] or self.attempts
+            self.chosen = max(candidates, key=lambda a: a.avg_logprob)
+        chosen = self.chosen
+        # A loop is never sent: at worst its first word stays, as the honest part of the attempt.
+        self.text = cut_repetition(chosen.text)
+        self.confidence = float(np.exp(min(0.0, chosen.avg_logprob)))
+        if self.failed:
+            # Flagged: never above the confidence of an attempt that passes the log-prob check.
+            self.confidence = min(self.confidence, float(np.exp(opts.log_prob_threshold)))
+        self.is_speech = has_words(self.text) and not (
+            chosen.no_speech_prob > opts.no_speech_threshold and chosen.avg_logprob < opts.log_prob_threshold
+        )
+        self.tokens = (
+            chosen.sequences[0] if self.text == chosen.text else self.tokenizer.encode(" " + self.text)
+        )
+
+    def hypothesis(self, encode_seconds: float, batch: _Batch) -> Hypothesis:
+        chosen, tokenizer = self.chosen, self.tokenizer
+        return Hypothesis(
+            text=self.text if self.is_speech else "",
+            alternatives=[cut_repetition(tokenizer.decode(ids).strip()) for ids in chosen.sequences[1:]],
+            confidence=self.confidence,
+            avg_logprob=float(chosen.avg_logprob),
+            no_speech_prob=chosen.no_speech_prob,
+            is_speech=self.is_speech,
+            words=self.words,
+            language=self.language or "en",
+            audio_seconds=self.audio_seconds,
+            encoder_frames=batch.frames,  # padded to the batch's longest
+            tokens=len(self.tokens),
+            temperature=chosen.temperature,
+            failed_checks=self.failed,
+            looped=chosen.looping or self.text != chosen.text,
+            beam_size=self.beam_size if chosen.temperature == 0 else 1,
+            encode_seconds=encode_seconds,
+            decode_seconds=self.decode_seconds,
+            batch_size=batch.size,
+        )
 
 
 class SpeechModel:
@@ -205,13 +358,31 @@ class SpeechModel:
             self._tokenizers[language] = (tokenizer, list(get_suppressed_tokens(tokenizer, [-1])))
         return self._tokenizers[language]
 
-    def features(self, audio: np.ndarray, min_frames: int, padding_frames: int) -> tuple[np.ndarray, int]:
+    def encoder_frames(self, samples: int, request: DecodeRequest) -> int:
+        """The encoder input length in mel frames for ``samples`` of audio decoded alone: the
+        audio, its padding, at least the kind's minimum, rounded up to the bucket."""
+        opts = self.decode_options
+        min_frames = opts.min_encoder_frames if request.final else opts.interim_min_encoder_frames
+        padding = opts.final_padding_frames if request.final else opts.tail_padding_frames
+        # The feature extractor yields one frame per 160-sample hop, plus one dropped below.
+        content_frames = min(samples // (TARGET_SAMPLE_RATE // FRAMES_PER_SECOND), MAX_ENCODER_FRAMES)
+        wanted = max(content_frames + padding, min_frames)
+        bucket = opts.encoder_frames_bucket
+        return min(MAX_ENCODER_FRAMES, -(-wanted // bucket) * bucket)
+
+    def batch_settings(self, request: DecodeRequest) -> tuple:
+        """The decode settings that must be equal for two requests to share a batch: finals
+        and interims differ in beam, fallback and padding, and finals in hypotheses."""
+        opts = self.decode_options
+        if not request.final:
+            return (False, opts.interim_beam_size, 1)
+        return (True, opts.final_beam_size, max(1, min(request.alternatives, opts.final_beam_size)))
+
+    def features(self, audio: np.ndarray, request: DecodeRequest) -> tuple[np.ndarray, int]:
         """Log-mel features padded for the encoder, and the count of real audio frames."""
         mel = self._whisper.feature_extractor(audio)[..., :-1]
         content_frames = min(mel.shape[-1], MAX_ENCODER_FRAMES)
-        wanted = max(content_frames + padding_frames, min_frames)
-        bucket = self.decode_options.encoder_frames_bucket
-        wanted = min(MAX_ENCODER_FRAMES, -(-wanted // bucket) * bucket)
+        wanted = self.encoder_frames(len(audio), request)
         # Zero features, as faster-whisper's own pad_or_trim uses for the 30 s window.
         padded = np.zeros((mel.shape[0], wanted), dtype=np.float32)
         padded[:, :content_frames] = mel[:, :content_frames]
@@ -219,126 +390,161 @@ class SpeechModel:
 
     def decode(self, audio: np.ndarray, request: DecodeRequest) -> Hypothesis:
         """Transcribes one utterance of 16 kHz mono audio (at most 30 s)."""
-        opts = self.decode_options
+        return self.decode_batch([(audio, request)])[0]
+
+    def decode_batch(self, items: list[tuple[np.ndarray, DecodeRequest]]) -> list[Hypothesis]:
+        """Transcribes several utterances with one encoder pass, each as ``decode`` would.
+
+        Every item's features are padded to the longest item's frame count and encoded
+        together. Items that share decoding settings (finals or interims, beam size,
+        hypotheses, and where the prompt's start-of-transcript token falls, which
+        CTranslate2 needs at one position in a batch) then run one ``generate``. Whisper's
+        checks are applied per item: only the items that fail them are decoded again at the
+        next fallback temperature, on their own rows of the encoder output. Padding to a
+        longer item is the one difference from decoding alone: the encoder attends over the
+        padding too, so the scheduler batches items of equal encoder lengths only.
+        """
         started = time.perf_counter()
-        min_frames = opts.min_encoder_frames if request.final else opts.interim_min_encoder_frames
-        padding = opts.final_padding_frames if request.final else opts.tail_padding_frames
-        features, content_frames = self.features(audio, min_frames, padding)
-        encoder_output = self._whisper.encode(features)
+        jobs = [self._job(index, audio, request) for index, (audio, request) in enumerate(items)]
+        frames = max(job.features.shape[-1] for job in jobs)
+        stacked = np.zeros((len(jobs), jobs[0].features.shape[0], frames), dtype=np.float32)
+        for job in jobs:
+            stacked[job.index, :, : job.features.shape[-1]] = job.features
+        encoder_output = self._whisper.encode(stacked)
         encoded = time.perf_counter()
+        batch = _Batch(encoder_output, len(jobs), frames)
 
+        self._detect_languages(batch, [job for job in jobs if job.language is None and self.multilingual])
+        groups: dict[tuple, list[_Job]] = {}
+        for job in jobs:
+            self._prepare_prompt(job)
+            groups.setdefault(job.group_key, []).append(job)
+        for group in groups.values():
+            self._generate_with_fallback(batch, group)
+        aligned: dict[int, list[_Job]] = {}
+        for job in jobs:
+            job.conclude(self.decode_options)
+            if job.is_speech and job.request.word_timestamps:
+                aligned.setdefault(id(job.tokenizer), []).append(job)
+        for group in aligned.values():
+            self._align_words(batch, group)
+
+        encode_share = (encoded - started) / len(jobs)
+        elapsed = time.perf_counter() - started
+        hypotheses = [job.hypothesis(encode_share, batch) for job in jobs]
+        for hypothesis, job in zip(hypotheses, jobs):
+            kind = "final" if job.request.final else "interim"
+            logger.debug(
+                "%s decode: %.2f s audio, %d encoder frames, %d tokens, batch of %d, %.3f s",
+                kind,
+                hypothesis.audio_seconds,
+                hypothesis.encoder_frames,
+                hypothesis.tokens,
+                batch.size,
+                elapsed,
+                extra={"stt.decode.kind": kind, "stt.decode.batch_size": batch.size},
+            )
+        return hypotheses
+
+    def _job(self, index: int, audio: np.ndarray, request: DecodeRequest) -> _Job:
+        features, content_frames = self.features(audio, request)
         language = request.language
-        if language is None and self.multilingual:
-            token, _ = self._whisper.model.detect_language(encoder_output)[0][0]
-            language = token[2:-2]
-        tokenizer, suppressed_tokens = self._tokenizer(language)
-        context = request.context if request.final or opts.interim_context else ""
-        previous = self._previous_tokens(tokenizer, request.prompt, f"{context} {request.said_before}")
-        prompt = self._whisper.get_prompt(
-            tokenizer, previous, without_timestamps=True, prefix=request.prefix or None
-        )
-        audio_seconds = len(audio) / TARGET_SAMPLE_RATE
-        max_length = min(
-            self._whisper.max_length,
-            len(prompt) + int(10 + opts.max_tokens_per_second * audio_seconds),
-        )
-        beam_size = opts.final_beam_size if request.final else opts.interim_beam_size
-        temperatures = opts.temperatures if request.final else (0.0,)
-        num_hypotheses = max(1, min(request.alternatives, beam_size)) if request.final else 1
+        return _Job(index, request, features, content_frames, len(audio) / TARGET_SAMPLE_RATE, language)
 
-        attempts: list[_Attempt] = []
-        chosen = None
-        for temperature in temperatures:
+    def _detect_languages(self, batch: _Batch, jobs: list[_Job]) -> None:
+        if not jobs:
+            return
+        started = time.perf_counter()
+        detected = self._whisper.model.detect_language(batch.rows([job.index for job in jobs]))
+        share = (time.perf_counter() - started) / len(jobs)
+        for job, languages in zip(jobs, detected):
+            token, _ = languages[0]
+            job.language = token[2:-2]
+            job.decode_seconds += share
+
+    def _prepare_prompt(self, job: _Job) -> None:
+        """The job's tokenizer, prompt, token cap and sampling settings."""
+        opts, request = self.decode_options, job.request
+        job.tokenizer, job.suppressed_tokens = self._tokenizer(job.language)
+        context = request.context if request.final or opts.interim_context else ""
+        previous = self._previous_tokens(job.tokenizer, request.prompt, f"{context} {request.said_before}")
+        job.prompt = self._whisper.get_prompt(
+            job.tokenizer, previous, without_timestamps=True, prefix=request.prefix or None
+        )
+        job.max_length = min(
+            self._whisper.max_length,
+            len(job.prompt) + int(10 + opts.max_tokens_per_second * job.audio_seconds),
+        )
+        _, job.beam_size, job.num_hypotheses = self.batch_settings(request)
+        job.temperatures = opts.temperatures if request.final else (0.0,)
+
+    def _generate_with_fallback(self, batch: _Batch, jobs: list[_Job]) -> None:
+        """Whisper's temperature fallback, batched: each temperature decodes the jobs whose
+        attempts so far failed the checks."""
+        opts = self.decode_options
+        pending = jobs
+        for temperature in jobs[0].temperatures:
+            if not pending:
+                break
             if temperature > 0:
                 sampling = {
                     "beam_size": 1,
                     "sampling_topk": 0,
                     "sampling_temperature": temperature,
-                    "num_hypotheses": max(num_hypotheses, 1),
+                    "num_hypotheses": jobs[0].num_hypotheses,
                 }
             else:
-                sampling = {"beam_size": beam_size, "num_hypotheses": num_hypotheses}
-            result = self._whisper.model.generate(
-                encoder_output,
-                [prompt],
-                max_length=max_length,
-                return_scores=True,
-                return_no_speech_prob=True,
-                suppress_blank=True,
-                suppress_tokens=suppressed_tokens,
-                **sampling,
-            )[0]
-            tokens = result.sequences_ids[0]
-            # CTranslate2 returns the length-normalised score; recover Whisper's average.
-            avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
-            text = tokenizer.decode([t for t in tokens if t < tokenizer.eot]).strip()
-            attempt = _Attempt(
-                result,
-                avg_logprob,
-                temperature,
-                text,
-                looping=compression_ratio(text) > opts.compression_ratio_threshold
-                or is_repetition_loop(text),
-            )
-            silent = (
-                result.no_speech_prob > opts.no_speech_threshold and avg_logprob < opts.log_prob_threshold
-            )
-            improbable = avg_logprob < opts.log_prob_threshold and opts.fallback_on_low_logprob
-            if silent or not (attempt.looping or improbable):
-                chosen = attempt
-                break
-            attempts.append(attempt)
-        failed = chosen is None or chosen.avg_logprob < opts.log_prob_threshold
-        if chosen is None:
-            # Every temperature failed Whisper's checks. Its own choice then: the most probable
-            # attempt among those that do not loop (all of them if every one loops).
-            candidates = [a for a in attempts if not a.looping] or attempts
-            chosen = max(candidates, key=lambda a: a.avg_logprob)
-        result, avg_logprob, temperature = chosen.result, chosen.avg_logprob, chosen.temperature
-        # A loop is never sent: at worst its first word stays, as the honest part of the attempt.
-        text = cut_repetition(chosen.text)
-        confidence = float(np.exp(min(0.0, avg_logprob)))
-        if failed:
-            # Flagged: never above the confidence of an attempt that passes the log-prob check.
-            confidence = min(confidence, float(np.exp(opts.log_prob_threshold)))
+                sampling = {"beam_size": jobs[0].beam_size, "num_hypotheses": jobs[0].num_hypotheses}
+            started = time.perf_counter()
+            # One token cap per call, the largest of the jobs': a decode that ends before its
+            # own cap ends at the same token under a larger one.
+            cap = max(job.max_length for job in pending)
+            results = self._generate(batch.rows([job.index for job in pending]), pending, cap, sampling)
+            share = (time.perf_counter() - started) / len(pending)
+            for job, result in zip(pending, results):
+                job.decode_seconds += share
+                if job.max_length < cap and job.may_have_run_to(result):
+                    # It may have run past its own cap (a repetition loop): decoded again alone
+                    # with that cap, it ends where it would have ended decoded alone.
+                    started = time.perf_counter()
+                    result = self._generate(batch.rows([job.index]), [job], job.max_length, sampling)[0]
+                    job.decode_seconds += time.perf_counter() - started
+                job.attempt(result, temperature, opts)
+            pending = [job for job in pending if job.chosen is None]
 
-        no_speech_prob = float(result.no_speech_prob)
-        is_speech = has_words(text) and not (
-            no_speech_prob > opts.no_speech_threshold and avg_logprob < opts.log_prob_threshold
+    def _generate(self, encoder_output, jobs: list[_Job], max_length: int, sampling: dict) -> list:
+        return self._whisper.model.generate(
+            encoder_output,
+            [job.prompt for job in jobs],
+            max_length=max_length,
+            return_scores=True,
+            return_no_speech_prob=True,
+            suppress_blank=True,
+            suppress_tokens=jobs[0].suppressed_tokens,
+            **sampling,
         )
-        tokens = result.sequences_ids[0] if text == chosen.text else tokenizer.encode(" " + text)
-        words: list[Word] = []
-        if is_speech and request.word_timestamps:
-            words = self._align_words(tokenizer, tokens, encoder_output, content_frames)
-        logger.debug(
-            "%s decode: %.2f s audio, %d encoder frames, %d tokens, %.3f s",
-            "final" if request.final else "interim",
-            audio_seconds,
-            features.shape[-1],
-            len(tokens),
-            time.perf_counter() - started,
-            extra={"stt.decode.kind": "final" if request.final else "interim"},
+
+    def _align_words(self, batch: _Batch, jobs: list[_Job]) -> None:
+        """Word timings of jobs that share a tokenizer, in one alignment call."""
+        from faster_whisper.transcribe import merge_punctuations
+
+        started = time.perf_counter()
+        tokenizer = jobs[0].tokenizer
+        alignments = self._whisper.find_alignment(
+            tokenizer,
+            [[t for t in job.tokens if t < tokenizer.eot] for job in jobs],
+            batch.rows([job.index for job in jobs]),
+            [job.content_frames for job in jobs],
         )
-        hypothesis = Hypothesis(
-            text=text if is_speech else "",
-            alternatives=[cut_repetition(tokenizer.decode(ids).strip()) for ids in result.sequences_ids[1:]],
-            confidence=confidence,
-            avg_logprob=float(avg_logprob),
-            no_speech_prob=no_speech_prob,
-            is_speech=is_speech,
-            words=words,
-            language=language or "en",
-            audio_seconds=audio_seconds,
-            encoder_frames=int(features.shape[-1]),
-            tokens=len(tokens),
-            temperature=temperature,
-            failed_checks=failed,
-            looped=chosen.looping or text != chosen.text,
-            beam_size=beam_size if temperature == 0 else 1,
-            encode_seconds=encoded - started,
-            decode_seconds=time.perf_counter() - encoded,
-        )
-        return hypothesis
+        share = (time.perf_counter() - started) / len(jobs)
+        for job, alignment in zip(jobs, alignments):
+            merge_punctuations(alignment, PUNCTUATION_BEFORE, PUNCTUATION_AFTER)
+            job.words = [
+                Word(w["word"].strip(), float(w["start"]), float(w["end"]), float(w["probability"]))
+                for w in alignment
+                if w["word"].strip()
+            ]
+            job.decode_seconds += share
 
     def _previous_tokens(self, tokenizer, hot_words: str, context: str) -> list[int]:
         """The "previous text" part of the prompt: the client's hot words (at most half of
@@ -364,18 +570,6 @@ class SpeechModel:
                     self._prompt_cache.pop(next(iter(self._prompt_cache)))  # the oldest
                 self._prompt_cache[key] = tokens
         return tokens
-
-    def _align_words(self, tokenizer, tokens, encoder_output, content_frames) -> list[Word]:
-        from faster_whisper.transcribe import merge_punctuations
-
-        text_tokens = [t for t in tokens if t < tokenizer.eot]
-        alignment = self._whisper.find_alignment(tokenizer, [text_tokens], encoder_output, content_frames)[0]
-        merge_punctuations(alignment, PUNCTUATION_BEFORE, PUNCTUATION_AFTER)
-        return [
-            Word(w["word"].strip(), float(w["start"]), float(w["end"]), float(w["probability"]))
-            for w in alignment
-            if w["word"].strip()
-        ]
 
     def warm_up(self) -> None:
         """Interim and final decodes, so the first stream pays no lazy initialisation."""

@@ -782,6 +782,7 @@ class DecodeTelemetry:
                 "stt.decode.is_speech": h.is_speech,
                 "stt.decode.encode_duration": h.encode_seconds,
                 "stt.decode.decoder_duration": h.decode_seconds,
+                "stt.decode.batch_size": h.batch_size,
             }
         )
         if self.call.telemetry.options.record_transcripts:
