@@ -14,12 +14,6 @@ from __future__ import annotations
 from .model import Hypothesis
 
 UNRELIABLE_TEMPERATURE = 0.5  # Whisper's prompt_reset_on_temperature
-# The previous text of a stream's first final (and after a reset). With none, tiny.en decides on
-# a style per utterance, and a few samples more or less of the same audio flip it between
-# "And so my fellow Americans." and "and so my fellow america"; that style then carries on
-# through the context, and finals without punctuation never end a sentence (early finals rely
-# on it). One punctuated sentence before the first utterance settled it on every clip tried.
-PUNCTUATED_START = "Hello."
 
 
 def is_reliable(hypothesis: Hypothesis) -> bool:
@@ -50,11 +44,6 @@ class SpokenContext:
     @property
     def text(self) -> str:
         return self._text
-
-    @property
-    def prompt(self) -> str:
-        """What the next final is prompted with: the text so far, or a punctuated start."""
-        return self._text or PUNCTUATED_START
 
     def add(self, hypothesis: Hypothesis | None) -> None:
         """Appends a final (in utterance order); ``None`` for a final that failed."""

@@ -401,7 +401,7 @@ class Finalizer:
             final=final,
             language=settings.language,
             prompt=settings.prompt,
-            context=self._context.prompt,
+            context=self._context.text,
             said_before=plan.said_before if plan else "",
             prefix=plan.prefix if plan else "",
             word_timestamps=(final and (settings.word_time_offsets or words))

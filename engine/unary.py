@@ -99,7 +99,7 @@ async def recognize(
             final=True,
             language=settings.language,
             prompt=settings.prompt,
-            context=context.prompt,
+            context=context.text,
             # Aligned to drop the words of the pre-roll before a cut (the utterance before's).
             word_timestamps=settings.word_time_offsets or continues_at is not None,
             alternatives=settings.alternatives,

@@ -228,6 +228,8 @@ def test_a_span_per_chunk_and_decode_spans_linked_to_chunks(traced):
         "silence",
         "end_of_stream",
         "max_length",
+        "confident",
+        "sentence",
     }
     assert sum(s.parent_span_id in utterances for s in chunks) > len(chunks) // 2
     for kind in ("interim", "final"):
@@ -299,7 +301,10 @@ def test_metrics_arrive_with_sane_values(traced, jfk):
 def test_finals_start_before_the_endpoint_is_certain(traced):
     spans = stream_spans(traced)
     utterances = {s.span_id: attributes(s) for s in spans if s.name == "stt.utterance"}
-    silence_ended = {i for i, a in utterances.items() if a["stt.utterance.endpoint_reason"] == "silence"}
+    # Ended in a pause: at the endpoint, or earlier by a confident final decoded in it.
+    silence_ended = {
+        i for i, a in utterances.items() if a["stt.utterance.endpoint_reason"] in ("silence", "confident")
+    }
     speculated = {
         s.parent_span_id
         for s in spans
