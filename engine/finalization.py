@@ -179,6 +179,25 @@ def drop_words_before(hypothesis: Hypothesis, offset: float) -> Hypothesis:
     )
 
 
+class _Closed:
+    """The delivery of a closed policy: tasks still finishing deliver nothing."""
+
+    def speech_event(self, kind: str, offset: float, utterance_index: int) -> None:
+        pass
+
+    def interim(self, result: InterimResult) -> None:
+        pass
+
+    def final(self, result: FinalResult) -> None:
+        pass
+
+    def pending_finals(self, seconds: float) -> None:
+        pass
+
+    def can_take_interim(self) -> bool:
+        return False
+
+
 class Finalizer:
     """Turns one stream's audio into speech events, interims and finals (see the module)."""
 
@@ -243,6 +262,9 @@ class Finalizer:
         # so this object: a reference cycle only Python's rare full collections free.
         self._interim = self._context_ready = None
         self._finals = []
+        # The session holds this policy and this policy its session: without the cycle
+        # collector, neither would be freed with its audio.
+        self.delivery = _Closed()
 
     def _handle(self, events: list) -> None:
         for event in events:
