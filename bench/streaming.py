@@ -319,6 +319,28 @@ def latency_breakdown(spans) -> dict:
     }
 
 
+def early_endpoints(spans, silence: float = 0.7, pre_roll: float = 0.3) -> dict:
+    """How often speech resumed after a confident early final: utterances that ended by a
+    ``confident`` final, and how many of them the next utterance of the same stream followed
+    within ``silence`` (the endpoint silence) of their speech end, so that without the early
+    final they would have been one utterance. An utterance's ``start_offset`` is its audio's,
+    ``pre_roll`` before its speech."""
+    streams: dict[bytes, list[dict]] = {}
+    for span in spans:
+        if span.name == "stt.utterance":
+            streams.setdefault(span.trace_id, []).append(span_attributes(span))
+    confident = resumed = 0
+    for utterances in streams.values():
+        utterances.sort(key=lambda a: a.get("stt.utterance.start_offset", 0.0))
+        for this, after in zip(utterances, utterances[1:] + [None]):
+            if this.get("stt.utterance.endpoint_reason") != "confident":
+                continue
+            confident += 1
+            onset = after["stt.utterance.start_offset"] + pre_roll if after else None
+            resumed += onset is not None and onset - this["stt.utterance.speech_end_offset"] < silence
+    return {"confident": confident, "resumed_within_endpoint": resumed}
+
+
 def len_seconds(segments: list[Segment]) -> float:
     return segments[-1].end
 
@@ -421,7 +443,9 @@ def bench_server(audio, segments, streams: int, args) -> dict:
         server.wait(timeout=60)  # its telemetry is flushed before it exits
     result = score(records, [segs for _, segs in forms])
     if args.telemetry:
-        result["latency_breakdown"] = latency_breakdown(args.receiver.spans()[spans_before:])
+        spans = args.receiver.spans()[spans_before:]
+        result["latency_breakdown"] = latency_breakdown(spans)
+        result["early_endpoints"] = early_endpoints(spans)
     audio_seconds = result["admitted"] * len(audio) / 16000  # refused streams sent nothing
     result.update(
         streams=streams,
@@ -519,6 +543,8 @@ def main() -> None:
     if args.telemetry:
         print("\nWhere the server's final latency went (stt.utterance spans):\n")
         print(breakdown_markdown(rows))
+        for r in rows:
+            print(f"{r['streams']} streams, confident early finals: {r['early_endpoints']}")
     print(f"\ncapacity: {capacity} real-time streams, p95 final latency <= 1.5 s by both definitions")
     if args.plot:
         plot(rows, args.out / f"latency_vs_streams{suffix}.png")

@@ -14,6 +14,17 @@ from __future__ import annotations
 from .model import Hypothesis
 
 UNRELIABLE_TEMPERATURE = 0.5  # Whisper's prompt_reset_on_temperature
+_STYLE_MARKS = frozenset(".,?!;:")
+
+
+def is_unstyled(text: str) -> bool:
+    """Whether a final came out in tiny.en's other style: no capital letter and no punctuation
+    ("and so my fellow america" for "And so my fellow Americans."). Without a prompt it decides
+    on a style per utterance, and a few samples more or less of the same audio flip it; the
+    context then carries that style on to every later final, whose sentence ends early finals
+    can no longer see. A punctuated prompt fixed the style but made it say short telephone
+    utterances twice."""
+    return not any(c.isupper() or c in _STYLE_MARKS for c in text)
 
 
 def is_reliable(hypothesis: Hypothesis) -> bool:
@@ -50,7 +61,8 @@ class SpokenContext:
         if hypothesis is None or not is_reliable(hypothesis):
             self._text = ""
             return
-        if hypothesis.is_speech and hypothesis.text:
+        if hypothesis.is_speech and hypothesis.text and not is_unstyled(hypothesis.text):
+            # An unstyled final is left out, not reset to: what was said before still helps.
             text = f"{self._text} {hypothesis.text}".strip()
             if len(text) > self.max_chars:
                 text = text[-self.max_chars :].split(" ", 1)[-1]  # whole words only

@@ -214,7 +214,7 @@ SERVER_FLAGS: tuple[Flag, ...] = (
     Flag("--threads", "CPU threads per inference worker", "1", int, 1, 64, feeds="model.cpu_threads"),
     Flag("--workers", "inference calls run in parallel", "2", int, 1, 64, feeds="model.workers"),
     Flag("--batch-size", "most queued decodes of the same kind and encoder length one model call runs "
-         "together (1: off)", "4", int, 1, 64, feeds="model.batch_size"),
+         "together (1: off)", "1", int, 1, 64, feeds="model.batch_size"),
     Flag("--warmup-runs", "warm-up decode rounds before reporting SERVING", "1", int, 0, 100,
          feeds="model.warmup_runs"),
     Flag("--max-streams", "concurrent streams; more get RESOURCE_EXHAUSTED", "32", int, 1, 100000,

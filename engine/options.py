@@ -29,7 +29,11 @@ class ModelOptions:
             (tiny.en int8, one thread), ``bench/batching.py`` (12 finals, 24 interims) took
             0.92, 0.89 and 0.89 of the one-by-one CPU per audio second at 2, 4 and 8, with the
             same transcripts; a GPU gains far more from the larger matrix products. Batches
-            form only from decodes already queued, so an idle server waits for none.
+            form only from decodes already queued, so an idle server waits for none. Default 1:
+            with 16 real-time streams on the 2-core machine, batches of 4 saved no CPU (0.110
+            against 0.111 CPU-s per audio second, the interim mix of the microbenchmark is rare
+            there) and a final waiting for its batch mates raised its latency after the last
+            word from 0.88 / 1.63 to 1.24 / 2.26 s (p50 / p95, ``bench/streaming.py``). For GPUs.
     """
 
     model: str = "tiny.en"
@@ -39,7 +43,7 @@ class ModelOptions:
     workers: int = 2
     download_root: str | None = None
     warmup_runs: int = 1
-    batch_size: int = 4
+    batch_size: int = 1
 
 
 @dataclass(frozen=True)
