@@ -351,7 +351,7 @@ class StreamSession:
             self._finalizer.accept(samples)
             if self._finalizer.done:
                 return False
-        return not self._finalizer.done
+        return True
 
     # Delivery: what the finalisation policy produces, as responses.
 
