@@ -11,6 +11,7 @@ setting to see what each one is worth.
     python bench/decode_cost.py --interim-min-frames 1000 --interim-interval-ms 700
     python bench/decode_cost.py --context all                     # interims prompted with it too
     python bench/decode_cost.py --interim-window-ms 0             # every interim: whole utterance
+    python bench/decode_cost.py --final-beam-size 1 --final-padding-frames 300   # cheaper finals
     python bench/decode_cost.py --audio-set continuous --long-utterance-ms 0   # no short-pause cut
 """
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--interim-min-frames", type=int, default=DecodeOptions.interim_min_encoder_frames)
     parser.add_argument("--final-min-frames", type=int, default=DecodeOptions.min_encoder_frames)
     parser.add_argument("--final-padding-frames", type=int, default=DecodeOptions.final_padding_frames)
+    parser.add_argument("--final-beam-size", type=int, default=DecodeOptions.final_beam_size)
     parser.add_argument("--interim-interval-ms", type=int, default=StreamingOptions.interim_interval_ms)
     parser.add_argument("--interim-window-ms", type=int, default=StreamingOptions.interim_window_ms)
     parser.add_argument("--first-interim-ms", type=int, default=StreamingOptions.first_interim_ms)
@@ -77,6 +79,7 @@ def main() -> None:
         min_encoder_frames=args.final_min_frames,
         interim_min_encoder_frames=args.interim_min_frames,
         final_padding_frames=args.final_padding_frames,
+        final_beam_size=args.final_beam_size,
         interim_context=args.context == "all",
     )
     model = SpeechModel(ModelOptions(cpu_threads=args.threads, workers=1), decode_options)

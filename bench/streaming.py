@@ -212,6 +212,7 @@ def score(records: list[StreamRecord], forms: list[list[Segment]]) -> dict:
         "wer": jiwer.wer(references, hypotheses) if hypotheses else None,
         "word_latency_p50": percentile(word_latencies, 50),
         "word_latency_p95": percentile(word_latencies, 95),
+        "word_latency_max": max(word_latencies, default=None),
         "final_latency_p50": percentile(clip_end_latencies, 50),
         "final_latency_p95": percentile(clip_end_latencies, 95),
         "first_result_p50": percentile(first_results, 50),
@@ -582,7 +583,7 @@ def markdown(offline: dict, rows: list[dict]) -> str:
         f"Offline faster-whisper beam 5: {offline['cpu_per_audio_second']:.3f} CPU-s per audio-s, "
         f"WER {100 * offline['wer']:.2f}%",
         "",
-        "| streams | final after last word p50 / p95 (s) | final after clip end p50 / p95 (s) | "
+        "| streams | final after last word p50 / p95 / max (s) | final after clip end p50 / p95 (s) | "
         "first result p50 (s) | CPU-s per audio-s | "
         "vs offline | WER % | WER delta (points) | errors / refused | RSS start / max (MB) | "
         "words said twice |",
@@ -590,7 +591,8 @@ def markdown(offline: dict, rows: list[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['streams']} | {fmt(r['word_latency_p50'])} / {fmt(r['word_latency_p95'])} | "
+            f"| {r['streams']} | {fmt(r['word_latency_p50'])} / {fmt(r['word_latency_p95'])} / "
+            f"{fmt(r.get('word_latency_max'))} | "
             f"{fmt(r['final_latency_p50'])} / {fmt(r['final_latency_p95'])} | "
             f"{fmt(r['first_result_p50'])} | {r['cpu_per_audio_second']:.3f} | "
             f"{r['cpu_ratio_vs_offline']:.2f}x | {100 * r['wer']:.2f} | {r['wer_delta_points']:+.2f} | "

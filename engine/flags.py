@@ -272,6 +272,10 @@ SERVER_FLAGS: tuple[Flag, ...] = (
          "when a final is decoded again by sampling: on a low log-prob or a loop, as Whisper does "
          "(whisper), or only on a loop (loops)", "loops", choices=("whisper", "loops"),
          feeds="decode.fallback_on_low_logprob", convert=lambda value: value == "whisper"),
+    Flag("--final-padding-ms",
+         "silence appended after a final's audio for the encoder; more keeps Whisper from stopping "
+         "before the end of long utterances, and costs decode time", "10000", int, 0, 29000,
+         feeds="decode.final_padding_frames", convert=lambda ms: ms // 10),
     Flag("--log-level", f"console log level: {', '.join(LOG_LEVELS)}", "INFO", check=parse_log_level,
          feeds="telemetry.log_level"),
     Flag("--log-format", "console log format", "text", choices=("text", "json"),

@@ -71,6 +71,9 @@ class DecodeOptions:
             padded with silence; given a window that ends 1 s after the speech, it stopped
             early on long or multi-sentence utterances and dropped whole sentences (WER on
             continuous speech 9.5% against 3.6% with 10 s of padding; 13% more final CPU).
+            3 s instead of 10 s cut final CPU by a quarter and the final's latency by 0.02-0.10 s
+            (p50), and cost 1-2 WER points on real readings, slow and noisy speech
+            (``bench/robustness.py``, same run). Server flag ``--final-padding-ms``.
         interim_context: whether interims, like finals, are prompted with the stream's
             previous finals. Finals never start from an interim's text, so the prompt changes
             only the provisional text, and it cost a third more interim CPU (0.073 -> 0.098
