@@ -25,6 +25,7 @@ from otel import Telemetry, TelemetryOptions
 
 from . import __version__
 from .errors import SttError
+from .google_api import GOOGLE_SERVICE_NAME, GoogleSpeechService, add_google_service
 from .memory import can_release_memory, release_periodically
 from .model import SpeechModel
 from .options import ModelOptions, ServerOptions
@@ -35,7 +36,7 @@ from .vad import load_vad_model
 
 logger = logging.getLogger(__name__)
 
-HEALTH_SERVICES = ("", SERVICE_NAME)
+HEALTH_SERVICES = ("", SERVICE_NAME, GOOGLE_SERVICE_NAME)
 MESSAGE_OVERHEAD = 64 << 10
 # After the drain deadline, how long stopped streams may still decode their last finals.
 FINALS_GRACE_SECONDS = 5.0
@@ -90,9 +91,10 @@ class SttServer:
         self._server = grpc.aio.server(options=options)
         # Unparseable requests reach the service as MalformedRequest (INVALID_ARGUMENT).
         add_speech_service(self.service, self._server)
+        add_google_service(GoogleSpeechService(self.service), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (SERVICE_NAME, GOOGLE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -53,7 +53,7 @@ class MalformedRequest:
         )
 
 
-def _tolerant(deserializer: Callable[[bytes], Any], message_type: str) -> Callable[[bytes], Any]:
+def tolerant(deserializer: Callable[[bytes], Any], message_type: str) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
             return deserializer(data)
@@ -86,7 +86,7 @@ def add_speech_service(service: SpeechService, server: grpc.aio.Server) -> None:
         for method in stt_pb2.DESCRIPTOR.services_by_name["Speech"].methods
     }
     handlers = {
-        name: handler._replace(request_deserializer=_tolerant(handler.request_deserializer, inputs[name]))
+        name: handler._replace(request_deserializer=tolerant(handler.request_deserializer, inputs[name]))
         for name, handler in recorder.handlers.items()
     }
     # The unary methods are read as client streams of their one message (the same on the wire),
@@ -220,7 +220,21 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         request_iterator: AsyncIterator[stt_pb2.StreamingRecognizeRequest | MalformedRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[stt_pb2.StreamingRecognizeResponse]:
-        call = self.telemetry.stream(STREAMING_METHOD, context.invocation_metadata(), context.peer())
+        async for response in self.serve_stream(STREAMING_METHOD, request_iterator, context):
+            yield response
+
+    async def serve_stream(
+        self,
+        method: str,
+        request_iterator: AsyncIterator[stt_pb2.StreamingRecognizeRequest | MalformedRequest],
+        context: grpc.aio.ServicerContext,
+        observe: Callable[[CallTelemetry], None] | None = None,
+    ) -> AsyncIterator[stt_pb2.StreamingRecognizeResponse]:
+        """One stream of ``method`` (this API's, or another API translated to it): admission,
+        a session, telemetry and the final status. ``observe`` is given the call's telemetry."""
+        call = self.telemetry.stream(method, context.invocation_metadata(), context.peer())
+        if observe is not None:
+            observe(call)
         if call.trace_id:
             # The client (and the CLI) can paste this into Jaeger.
             await context.send_initial_metadata(
@@ -257,9 +271,20 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
     ) -> stt_pb2.RecognizeResponse:
         """A unary call, registered as client-streaming (``add_speech_service``): its one message
         is read only once the call is authenticated and admitted."""
-        call = self.telemetry.call(RECOGNIZE_METHOD, context.invocation_metadata(), context.peer())
+        return await self.serve_recognize(RECOGNIZE_METHOD, requests, context)
+
+    async def serve_recognize(
+        self,
+        method: str,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        translate: Callable[[Any, CallTelemetry], stt_pb2.RecognizeRequest] | None = None,
+    ) -> stt_pb2.RecognizeResponse:
+        """One Recognize call of ``method``; ``translate`` turns another API's request into
+        this API's (raising SttError for what it cannot honour)."""
+        call = self.telemetry.call(method, context.invocation_metadata(), context.peer())
         try:
-            return await self._recognize(requests, context, call)
+            return await self._recognize(requests, context, call, translate)
         except SttError as error:
             await abort_with(context, call, error)
         except asyncio.CancelledError:
@@ -271,6 +296,7 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         requests: AsyncIterator[stt_pb2.RecognizeRequest | MalformedRequest],
         context: grpc.aio.ServicerContext,
         call: CallTelemetry,
+        translate: Callable[[Any, CallTelemetry], stt_pb2.RecognizeRequest] | None = None,
     ) -> stt_pb2.RecognizeResponse:
         """The response, or SttError. No initial metadata before admission: a client's gRPC
         retry policy retries a refusal only while the call has received no headers."""
@@ -279,7 +305,8 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         self._admit()
         self.recognizing += 1
         try:
-            async with _single_request(requests) as request:
+            async with _single_request(requests) as received:
+                request = translate(received, call) if translate else received
                 audio = request.audio_content  # a copy of the bytes at each access (upb): take one
                 if len(audio) > self.options.max_recognize_bytes:
                     raise out_of_range(
@@ -303,6 +330,16 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
                 return response
         finally:
             self.recognizing -= 1
+
+    async def refuse_call(self, method: str, context: grpc.aio.ServicerContext, error: SttError) -> None:
+        """Ends a call of a method the engine does not serve with ``error``, once the caller is
+        authenticated (an unauthenticated caller learns nothing about the server)."""
+        call = self.telemetry.call(method, context.invocation_metadata(), context.peer())
+        try:
+            self.guard.check(context, call)
+        except SttError as refused:
+            error = refused
+        await abort_with(context, call, error)
 
     async def GetServerInfo(
         self,

@@ -428,6 +428,10 @@ class CallTelemetry:
             self, kind, utterance_index, audio_start, audio_end, parent or self.span_context, []
         )
 
+    def configured(self, attributes: dict[str, Any]) -> None:
+        """The call's settings, as ``stt.<key>`` attributes of its span."""
+        self.span.set_attributes({f"stt.{key}": value for key, value in attributes.items()})
+
     def authenticated(self, identity: str) -> None:
         """The caller proved ``identity`` (a token's name or a client certificate's name)."""
         # enduser.id: the semantic conventions' attribute for the authenticated end user.
@@ -498,9 +502,6 @@ class StreamTelemetry(CallTelemetry):
         self._endpoints: dict[int, tuple[float, float, str]] = {}
         self._first_result_sent: set[int] = set()
         self._current_utterance: int | None = None
-
-    def configured(self, attributes: dict[str, Any]) -> None:
-        self.span.set_attributes({f"stt.{key}": value for key, value in attributes.items()})
 
     def chunk(
         self,

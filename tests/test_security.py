@@ -164,6 +164,36 @@ def test_a_stream_over_tls_gets_the_transcript(tls_server, jfk):
     assert raised.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def test_the_google_client_authenticates_with_its_bearer_token_over_tls(tls_server, jfk):
+    """google-cloud-speech sends its credentials as ``authorization: Bearer``: a channel with the
+    engine's CA and an access token is all a Google client needs."""
+    from google.api_core import exceptions
+    from google.cloud import speech_v1 as speech
+    from google.cloud.speech_v1.services.speech.transports import SpeechGrpcTransport
+
+    from engine.audio import float_to_linear16
+
+    ca = grpc.ssl_channel_credentials(Path(tls_server.pki.ca_file).read_bytes())
+    config = speech.RecognitionConfig(
+        encoding=speech.RecognitionConfig.AudioEncoding.LINEAR16,
+        sample_rate_hertz=16000,
+        language_code="en-US",
+    )
+    audio = speech.RecognitionAudio(content=float_to_linear16(jfk))
+    for token, raised in ((TOKENS["alice"], None), ("not-a-token", exceptions.Unauthenticated),
+                          (TOKENS["carol"], exceptions.PermissionDenied)):  # fmt: skip
+        credentials = grpc.composite_channel_credentials(ca, grpc.access_token_call_credentials(token))
+        with grpc.secure_channel(tls_server.target, credentials) as channel:
+            client = speech.SpeechClient(transport=SpeechGrpcTransport(channel=channel))
+            if raised is None:
+                response = client.recognize(config=config, audio=audio)
+                transcript = " ".join(r.alternatives[0].transcript for r in response.results)
+                assert wer([JFK_TEXT], [transcript]) < 0.1
+            else:
+                with pytest.raises(raised):
+                    client.recognize(config=config, audio=audio)
+
+
 def test_tokens_are_required_and_checked(tls_server, jfk):
     short = jfk[:8000]
     for token in (None, "not-a-token", TOKENS["alice"] + "x"):

@@ -1,0 +1,360 @@
+"""google.cloud.speech.v1.Speech on the engine: a translation layer over the stt.v1 service.
+
+A Google client's requests become stt.v1 requests (config in), the one recognition core
+(``SpeechService.serve_stream`` / ``serve_recognize``: admission, security, session, telemetry)
+serves them, and its responses become Google's (results and events out). The messages are the
+ones the official client itself sends: the protobuf classes behind ``google-cloud-speech``'s
+proto-plus types, so the wire format is the client's by construction.
+
+A field the engine cannot honour is refused with INVALID_ARGUMENT naming it; the fields Google
+itself treats as hints (``metadata``, ``model``, ``use_enhanced``) are accepted and recorded on
+the call's span.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from google.cloud.speech_v1 import types as google
+from google.longrunning import operations_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool
+
+from .api import stt_pb2
+from .errors import SttError, invalid_argument
+from .settings import MAX_PROMPT_CHARS
+
+if TYPE_CHECKING:
+    from otel import CallTelemetry
+
+    from .service import SpeechService
+
+GOOGLE_SERVICE_NAME = "google.cloud.speech.v1.Speech"
+GOOGLE_STREAMING_METHOD = f"{GOOGLE_SERVICE_NAME}/StreamingRecognize"
+GOOGLE_RECOGNIZE_METHOD = f"{GOOGLE_SERVICE_NAME}/Recognize"
+GOOGLE_LONG_RUNNING_METHOD = f"{GOOGLE_SERVICE_NAME}/LongRunningRecognize"
+
+StreamingRequest = google.StreamingRecognizeRequest.pb()
+StreamingResponse = google.StreamingRecognizeResponse.pb()
+RecognizeRequest = google.RecognizeRequest.pb()
+RecognizeResponse = google.RecognizeResponse.pb()
+LongRunningRequest = google.LongRunningRecognizeRequest.pb()
+GoogleConfig = google.RecognitionConfig.pb()
+GoogleEncoding = google.RecognitionConfig.AudioEncoding
+SpeechEventType = google.StreamingRecognizeResponse.SpeechEventType
+
+ENCODINGS = {GoogleEncoding.LINEAR16: stt_pb2.LINEAR16, GoogleEncoding.MULAW: stt_pb2.MULAW}
+SPEECH_EVENTS = {
+    stt_pb2.SpeechEvent.SPEECH_STARTED: SpeechEventType.SPEECH_ACTIVITY_BEGIN,
+    stt_pb2.SpeechEvent.SPEECH_ENDED: SpeechEventType.SPEECH_ACTIVITY_END,
+    stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE: SpeechEventType.END_OF_SINGLE_UTTERANCE,
+}
+
+# Punctuation Whisper writes, removed when ``enable_automatic_punctuation`` is false (Google's
+# default): sentence marks, and quotes and brackets around words. Kept: apostrophes and hyphens
+# inside words ("don't", "well-known") and points and commas inside numbers ("3.5", "1,000").
+_PUNCTUATION = re.compile(r"(?<!\d)[.,](?!\d)|[.,](?=\s|$)|[?!;:\"“”‘’()\[\]…]|(?<!\w)'|'(?!\w)")
+# Words masked by ``profanity_filter``, as Google masks them: the first letter, then asterisks.
+PROFANITIES = frozenset(
+    "fuck fucking fucked fucker motherfucker shit shitty bullshit bitch bitches bastard asshole "
+    "cunt dick cock pussy whore slut damn goddamn piss".split()
+)
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def strip_punctuation(text: str) -> str:
+    """``text`` without the punctuation Google leaves out when it is not asked for."""
+    return " ".join(_PUNCTUATION.sub("", text).split())
+
+
+def mask_profanity(text: str) -> str:
+    """``text`` with each profane word as its first letter and asterisks ("f***")."""
+
+    def mask(match: re.Match) -> str:
+        word = match.group(0)
+        return word[0] + "*" * (len(word) - 1) if word.lower() in PROFANITIES else word
+
+    return _WORD.sub(mask, text)
+
+
+class GoogleSettings:
+    """What a Google config asks of the output: punctuation, masking, word confidence, events."""
+
+    def __init__(self, config: Any, streaming: Any | None = None) -> None:
+        self.punctuation = config.enable_automatic_punctuation
+        self.profanity_filter = config.profanity_filter
+        self.word_confidence = config.enable_word_confidence
+        self.word_offsets = config.enable_word_time_offsets or config.enable_word_confidence
+        self.language = (config.language_code or "en-US").lower()
+        self.voice_events = streaming is not None and streaming.enable_voice_activity_events
+
+    def text(self, text: str) -> str:
+        if not self.punctuation:
+            text = strip_punctuation(text)
+        return mask_profanity(text) if self.profanity_filter else text
+
+    def alternative(self, alternative: stt_pb2.SpeechRecognitionAlternative, final: bool) -> Any:
+        out = google.SpeechRecognitionAlternative.pb()(
+            transcript=self.text(alternative.transcript),
+            # Google scores only final results; interims carry 0.
+            confidence=alternative.confidence if final else 0.0,
+        )
+        for word in alternative.words if self.word_offsets else ():
+            text = self.text(word.word.strip())
+            if not text:
+                continue  # a lone punctuation mark stripped away
+            info = out.words.add(word=text)
+            info.start_time.CopyFrom(word.start_offset)
+            info.end_time.CopyFrom(word.end_offset)
+            if self.word_confidence:
+                info.confidence = word.confidence
+        return out
+
+    def recognition_result(self, result: stt_pb2.StreamingRecognitionResult) -> Any:
+        out = google.SpeechRecognitionResult.pb()(
+            alternatives=[self.alternative(a, True) for a in result.alternatives],
+            language_code=self.language,
+        )
+        out.result_end_time.CopyFrom(result.result_end_offset)
+        return out
+
+    def streaming_result(self, result: stt_pb2.StreamingRecognitionResult) -> Any:
+        out = google.StreamingRecognitionResult.pb()(
+            alternatives=[self.alternative(a, result.is_final) for a in result.alternatives],
+            is_final=result.is_final,
+            stability=0.0 if result.is_final else result.stability,
+            language_code=self.language,
+        )
+        out.result_end_time.CopyFrom(result.result_end_offset)
+        return out
+
+
+def _refuse(field: str, message: str) -> SttError:
+    return invalid_argument("STT_CONFIG_UNSUPPORTED", f"{field}: {message}", field)
+
+
+def translate_config(config: Any, field: str, call: CallTelemetry) -> stt_pb2.RecognitionConfig:
+    """A Google RecognitionConfig as the engine's, or SttError naming what it cannot honour."""
+    f = field + "."
+    encoding = ENCODINGS.get(config.encoding)
+    if encoding is None:
+        name = (
+            GoogleEncoding(config.encoding).name
+            if config.encoding in set(GoogleEncoding)
+            else config.encoding
+        )
+        raise invalid_argument(
+            "STT_ENCODING_UNSUPPORTED",
+            f"{f}encoding={name} is not supported by this server; use LINEAR16 or MULAW",
+            f + "encoding",
+        )
+    if config.enable_separate_recognition_per_channel and config.audio_channel_count > 1:
+        raise _refuse(
+            f + "enable_separate_recognition_per_channel",
+            "channels are mixed to mono and recognised together; send each channel as its own stream",
+        )
+    if config.alternative_language_codes:
+        raise _refuse(f + "alternative_language_codes", "the engine does not choose between languages")
+    if config.HasField("adaptation"):
+        raise _refuse(f + "adaptation", "adaptation resources are not supported; use speech_contexts")
+    if config.HasField("transcript_normalization"):
+        raise _refuse(f + "transcript_normalization", "transcript normalization is not supported")
+    if config.diarization_config.enable_speaker_diarization:
+        raise _refuse(f + "diarization_config", "speaker diarization is not supported")
+    for name in ("enable_spoken_punctuation", "enable_spoken_emojis"):
+        if config.HasField(name) and getattr(config, name).value:
+            raise _refuse(f + name, "spoken punctuation and emojis are not supported")
+    phrases = []
+    for index, context in enumerate(config.speech_contexts):
+        if context.boost:
+            raise _refuse(f"{f}speech_contexts[{index}].boost", "phrase boosts are not supported")
+        phrases += [phrase.strip() for phrase in context.phrases if phrase.strip()]
+    prompt = ", ".join(phrases)
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise invalid_argument(
+            "STT_PROMPT_TOO_LONG",
+            f"{f}speech_contexts hold {len(prompt)} characters of phrases; at most {MAX_PROMPT_CHARS}",
+            f + "speech_contexts",
+        )
+    # Hints Google itself may ignore: recorded, not refused. Its model names are not ours.
+    call.configured(
+        {
+            "google.model": config.model[:64] or "default",
+            "google.use_enhanced": config.use_enhanced,
+        }
+    )
+    return stt_pb2.RecognitionConfig(
+        encoding=encoding,
+        sample_rate_hertz=config.sample_rate_hertz,
+        audio_channel_count=config.audio_channel_count,
+        language_code=config.language_code,
+        prompt=prompt,
+        enable_word_time_offsets=config.enable_word_time_offsets or config.enable_word_confidence,
+        max_alternatives=config.max_alternatives,
+    )
+
+
+class GoogleStream:
+    """One Google stream: its requests as stt.v1 requests, the core's responses as Google's."""
+
+    def __init__(self, requests: AsyncIterator[Any]) -> None:
+        self._requests = requests
+        self._call: CallTelemetry | None = None
+        self.settings: GoogleSettings | None = None
+
+    def bind(self, call: CallTelemetry) -> None:
+        """The call's telemetry, which records the config's hints."""
+        self._call = call
+
+    def __aiter__(self) -> GoogleStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        request = await anext(self._requests)
+        if not isinstance(request, StreamingRequest):
+            return request  # a MalformedRequest: the core refuses it
+        if self.settings is None:
+            if not request.HasField("streaming_config"):
+                return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
+            return stt_pb2.StreamingRecognizeRequest(streaming_config=self._config(request.streaming_config))
+        if request.HasField("streaming_config"):
+            return stt_pb2.StreamingRecognizeRequest(streaming_config=stt_pb2.StreamingRecognitionConfig())
+        return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
+
+    def _config(self, streaming: Any) -> stt_pb2.StreamingRecognitionConfig:
+        field = "streaming_config.voice_activity_timeout"
+        if streaming.HasField("voice_activity_timeout"):
+            raise _refuse(field, "voice activity timeouts are not supported yet")
+        config = translate_config(streaming.config, "streaming_config.config", self._call)
+        self.settings = GoogleSettings(streaming.config, streaming)
+        return stt_pb2.StreamingRecognitionConfig(
+            config=config,
+            interim_results=streaming.interim_results,
+            single_utterance=streaming.single_utterance,
+        )
+
+    def response(self, response: stt_pb2.StreamingRecognizeResponse) -> Any | None:
+        """The Google response for the core's ``response``; None when Google sends none."""
+        out = StreamingResponse()
+        out.total_billed_time.CopyFrom(response.total_billed_time)
+        if response.HasField("speech_event"):
+            kind = response.speech_event.type
+            if kind != stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE and not self.settings.voice_events:
+                return None
+            out.speech_event_type = SPEECH_EVENTS[kind]
+            out.speech_event_time.CopyFrom(response.speech_event.offset)
+            return out
+        out.results.append(self.settings.streaming_result(response.result))
+        return out
+
+
+class GoogleSpeechService:
+    """The google.cloud.speech.v1.Speech methods, served by the engine's ``SpeechService``."""
+
+    def __init__(self, core: SpeechService) -> None:
+        self.core = core
+
+    async def StreamingRecognize(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext):
+        stream = GoogleStream(requests)
+        async for response in self.core.serve_stream(GOOGLE_STREAMING_METHOD, stream, context, stream.bind):
+            translated = stream.response(response)
+            if translated is not None:
+                yield translated
+
+    async def Recognize(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        settings: list[GoogleSettings] = []
+
+        def translate(request: Any, call: CallTelemetry) -> stt_pb2.RecognizeRequest:
+            if not request.HasField("config"):
+                raise invalid_argument("STT_CONFIG_MISSING", "config is required", "config")
+            if request.audio.WhichOneof("audio_source") == "uri":
+                raise _refuse("audio.uri", "the engine does not fetch audio; send it in audio.content")
+            settings.append(GoogleSettings(request.config))
+            return stt_pb2.RecognizeRequest(
+                config=translate_config(request.config, "config", call), audio_content=request.audio.content
+            )
+
+        response = await self.core.serve_recognize(GOOGLE_RECOGNIZE_METHOD, requests, context, translate)
+        out = RecognizeResponse(results=[settings[0].recognition_result(r) for r in response.results])
+        out.total_billed_time.CopyFrom(response.total_billed_time)
+        return out
+
+    async def LongRunningRecognize(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext):
+        error = SttError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "STT_METHOD_UNIMPLEMENTED",
+            "LongRunningRecognize is not served: stream the audio with StreamingRecognize, or send up "
+            "to the Recognize limit with Recognize",
+        )
+        await self.core.refuse_call(GOOGLE_LONG_RUNNING_METHOD, context, error)
+
+
+def _service_file() -> descriptor_pb2.FileDescriptorProto:
+    """The Speech service's descriptor, for reflection: the client package's proto-plus types
+    register the messages, not the service."""
+    types_file = StreamingRequest.DESCRIPTOR.file.name
+    file = descriptor_pb2.FileDescriptorProto(
+        name="stt-engine/google/cloud/speech/v1/speech_service.proto",
+        package="google.cloud.speech.v1",
+        dependency=[types_file, operations_pb2.DESCRIPTOR.name],
+        syntax="proto3",
+    )
+    service = file.service.add(name="Speech")
+    for name, request, response, client_streaming, server_streaming in (
+        ("Recognize", RecognizeRequest, RecognizeResponse, False, False),
+        ("LongRunningRecognize", LongRunningRequest, operations_pb2.Operation, False, False),
+        ("StreamingRecognize", StreamingRequest, StreamingResponse, True, True),
+    ):
+        service.method.add(
+            name=name,
+            input_type="." + request.DESCRIPTOR.full_name,
+            output_type="." + response.DESCRIPTOR.full_name,
+            client_streaming=client_streaming,
+            server_streaming=server_streaming,
+        )
+    return file
+
+
+def register_descriptor() -> None:
+    """Adds the service to the default descriptor pool once (reflection reads it there)."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(GOOGLE_SERVICE_NAME)
+    except KeyError:
+        pool.Add(_service_file())
+
+
+def add_google_service(service: GoogleSpeechService, server: grpc.aio.Server) -> None:
+    """Registers google.cloud.speech.v1.Speech. As for stt.v1, requests that do not parse reach
+    the method as ``MalformedRequest``, and the unary methods read their message only after
+    the call is authenticated and admitted."""
+    from .service import tolerant
+
+    register_descriptor()
+
+    def parse(message: Any) -> Any:
+        return tolerant(message.FromString, message.DESCRIPTOR.full_name)
+
+    handlers = {
+        "StreamingRecognize": grpc.stream_stream_rpc_method_handler(
+            service.StreamingRecognize,
+            request_deserializer=parse(StreamingRequest),
+            response_serializer=StreamingResponse.SerializeToString,
+        ),
+        "Recognize": grpc.stream_unary_rpc_method_handler(
+            service.Recognize,
+            request_deserializer=parse(RecognizeRequest),
+            response_serializer=RecognizeResponse.SerializeToString,
+        ),
+        "LongRunningRecognize": grpc.stream_unary_rpc_method_handler(
+            service.LongRunningRecognize,
+            request_deserializer=tolerant(
+                LongRunningRequest.FromString, LongRunningRequest.DESCRIPTOR.full_name
+            ),
+            response_serializer=operations_pb2.Operation.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(GOOGLE_SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(GOOGLE_SERVICE_NAME, handlers)
