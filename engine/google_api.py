@@ -13,7 +13,6 @@ the call's span.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -23,8 +22,8 @@ from google.longrunning import operations_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool
 
 from .api import stt_pb2
+from .compat import OutputText, phrase_prompt, refuse
 from .errors import SttError, invalid_argument
-from .settings import MAX_PROMPT_CHARS
 
 if TYPE_CHECKING:
     from otel import CallTelemetry
@@ -52,48 +51,16 @@ SPEECH_EVENTS = {
     stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE: SpeechEventType.END_OF_SINGLE_UTTERANCE,
 }
 
-# Punctuation Whisper writes, removed when ``enable_automatic_punctuation`` is false (Google's
-# default): sentence marks, and quotes and brackets around words. Kept: apostrophes and hyphens
-# inside words ("don't", "well-known") and points and commas inside numbers ("3.5", "1,000").
-_PUNCTUATION = re.compile(r"(?<!\d)[.,](?!\d)|[.,](?=\s|$)|[?!;:\"“”‘’()\[\]…]|(?<!\w)'|'(?!\w)")
-# Words masked by ``profanity_filter``, as Google masks them: the first letter, then asterisks.
-PROFANITIES = frozenset(
-    "fuck fucking fucked fucker motherfucker shit shitty bullshit bitch bitches bastard asshole "
-    "cunt dick cock pussy whore slut damn goddamn piss".split()
-)
-_WORD = re.compile(r"[A-Za-z]+")
-
-
-def strip_punctuation(text: str) -> str:
-    """``text`` without the punctuation Google leaves out when it is not asked for."""
-    return " ".join(_PUNCTUATION.sub("", text).split())
-
-
-def mask_profanity(text: str) -> str:
-    """``text`` with each profane word as its first letter and asterisks ("f***")."""
-
-    def mask(match: re.Match) -> str:
-        word = match.group(0)
-        return word[0] + "*" * (len(word) - 1) if word.lower() in PROFANITIES else word
-
-    return _WORD.sub(mask, text)
-
 
 class GoogleSettings:
     """What a Google config asks of the output: punctuation, masking, word confidence, events."""
 
     def __init__(self, config: Any, streaming: Any | None = None) -> None:
-        self.punctuation = config.enable_automatic_punctuation
-        self.profanity_filter = config.profanity_filter
+        self.text = OutputText(config.enable_automatic_punctuation, config.profanity_filter)
         self.word_confidence = config.enable_word_confidence
         self.word_offsets = config.enable_word_time_offsets or config.enable_word_confidence
         self.language = (config.language_code or "en-US").lower()
         self.voice_events = streaming is not None and streaming.enable_voice_activity_events
-
-    def text(self, text: str) -> str:
-        if not self.punctuation:
-            text = strip_punctuation(text)
-        return mask_profanity(text) if self.profanity_filter else text
 
     def alternative(self, alternative: stt_pb2.SpeechRecognitionAlternative, final: bool) -> Any:
         out = google.SpeechRecognitionAlternative.pb()(
@@ -131,10 +98,6 @@ class GoogleSettings:
         return out
 
 
-def _refuse(field: str, message: str) -> SttError:
-    return invalid_argument("STT_CONFIG_UNSUPPORTED", f"{field}: {message}", field)
-
-
 def translate_config(config: Any, field: str, call: CallTelemetry) -> stt_pb2.RecognitionConfig:
     """A Google RecognitionConfig as the engine's, or SttError naming what it cannot honour."""
     f = field + "."
@@ -151,33 +114,22 @@ def translate_config(config: Any, field: str, call: CallTelemetry) -> stt_pb2.Re
             f + "encoding",
         )
     if config.enable_separate_recognition_per_channel and config.audio_channel_count > 1:
-        raise _refuse(
+        raise refuse(
             f + "enable_separate_recognition_per_channel",
             "channels are mixed to mono and recognised together; send each channel as its own stream",
         )
     if config.alternative_language_codes:
-        raise _refuse(f + "alternative_language_codes", "the engine does not choose between languages")
+        raise refuse(f + "alternative_language_codes", "the engine does not choose between languages")
     if config.HasField("adaptation"):
-        raise _refuse(f + "adaptation", "adaptation resources are not supported; use speech_contexts")
+        raise refuse(f + "adaptation", "adaptation resources are not supported; use speech_contexts")
     if config.HasField("transcript_normalization"):
-        raise _refuse(f + "transcript_normalization", "transcript normalization is not supported")
+        raise refuse(f + "transcript_normalization", "transcript normalization is not supported")
     if config.diarization_config.enable_speaker_diarization:
-        raise _refuse(f + "diarization_config", "speaker diarization is not supported")
+        raise refuse(f + "diarization_config", "speaker diarization is not supported")
     for name in ("enable_spoken_punctuation", "enable_spoken_emojis"):
         if config.HasField(name) and getattr(config, name).value:
-            raise _refuse(f + name, "spoken punctuation and emojis are not supported")
-    phrases = []
-    for index, context in enumerate(config.speech_contexts):
-        if context.boost:
-            raise _refuse(f"{f}speech_contexts[{index}].boost", "phrase boosts are not supported")
-        phrases += [phrase.strip() for phrase in context.phrases if phrase.strip()]
-    prompt = ", ".join(phrases)
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise invalid_argument(
-            "STT_PROMPT_TOO_LONG",
-            f"{f}speech_contexts hold {len(prompt)} characters of phrases; at most {MAX_PROMPT_CHARS}",
-            f + "speech_contexts",
-        )
+            raise refuse(f + name, "spoken punctuation and emojis are not supported")
+    prompt = phrase_prompt(config.speech_contexts, f + "speech_contexts")
     # Hints Google itself may ignore: recorded, not refused. Its model names are not ours.
     call.configured(
         {
@@ -226,7 +178,7 @@ class GoogleStream:
     def _config(self, streaming: Any) -> stt_pb2.StreamingRecognitionConfig:
         field = "streaming_config.voice_activity_timeout"
         if streaming.HasField("voice_activity_timeout"):
-            raise _refuse(field, "voice activity timeouts are not supported yet")
+            raise refuse(field, "voice activity timeouts are not supported yet")
         config = translate_config(streaming.config, "streaming_config.config", self._call)
         self.settings = GoogleSettings(streaming.config, streaming)
         return stt_pb2.StreamingRecognitionConfig(
@@ -270,7 +222,7 @@ class GoogleSpeechService:
             if not request.HasField("config"):
                 raise invalid_argument("STT_CONFIG_MISSING", "config is required", "config")
             if request.audio.WhichOneof("audio_source") == "uri":
-                raise _refuse("audio.uri", "the engine does not fetch audio; send it in audio.content")
+                raise refuse("audio.uri", "the engine does not fetch audio; send it in audio.content")
             settings.append(GoogleSettings(request.config))
             return stt_pb2.RecognizeRequest(
                 config=translate_config(request.config, "config", call), audio_content=request.audio.content

@@ -1,6 +1,6 @@
 """Server lifecycle: listen, load and warm the model, serve, drain on SIGTERM.
 
-Health (grpc.health.v1) for "" and "stt.v1.Speech" reads NOT_SERVING from the
+Health (grpc.health.v1) for "" and each Speech service (stt.v1, Google's, Riva's) reads NOT_SERVING from the
 moment the port opens until the model is loaded and warm, SERVING while ready,
 and NOT_SERVING again as soon as draining starts. With ``--health-address`` a second, plaintext
 listener serves only that health service (the same statuses), for probes that cannot speak TLS.
@@ -29,6 +29,7 @@ from .google_api import GOOGLE_SERVICE_NAME, GoogleSpeechService, add_google_ser
 from .memory import can_release_memory, release_periodically
 from .model import SpeechModel
 from .options import ModelOptions, ServerOptions
+from .riva_api import RIVA_SERVICE_NAME, RivaSpeechService, add_riva_service
 from .scheduler import InferenceScheduler
 from .security import Guard, ReloadingCertificates, SecurityOptions
 from .service import SERVICE_NAME, SpeechService, add_speech_service
@@ -36,7 +37,7 @@ from .vad import load_vad_model
 
 logger = logging.getLogger(__name__)
 
-HEALTH_SERVICES = ("", SERVICE_NAME, GOOGLE_SERVICE_NAME)
+HEALTH_SERVICES = ("", SERVICE_NAME, GOOGLE_SERVICE_NAME, RIVA_SERVICE_NAME)
 MESSAGE_OVERHEAD = 64 << 10
 # After the drain deadline, how long stopped streams may still decode their last finals.
 FINALS_GRACE_SECONDS = 5.0
@@ -92,9 +93,17 @@ class SttServer:
         # Unparseable requests reach the service as MalformedRequest (INVALID_ARGUMENT).
         add_speech_service(self.service, self._server)
         add_google_service(GoogleSpeechService(self.service), self._server)
+        add_riva_service(RivaSpeechService(self.service), self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, GOOGLE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (
+                SERVICE_NAME,
+                GOOGLE_SERVICE_NAME,
+                RIVA_SERVICE_NAME,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
         )
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -331,6 +331,22 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         finally:
             self.recognizing -= 1
 
+    async def read_info_request(
+        self, method: str, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> tuple[Any, SpeechModel | None]:
+        """The message of an informational call of ``method`` (another API's GetServerInfo), read
+        once the caller is authenticated, and the loaded model (None while loading); the call
+        counts as answered."""
+        call = self.telemetry.call(method, context.invocation_metadata(), context.peer())
+        try:
+            self.guard.check(context, call)
+            async with _single_request(requests) as request:
+                pass
+        except SttError as error:
+            await abort_with(context, call, error)
+        call.finished("OK")
+        return request, self.model
+
     async def refuse_call(self, method: str, context: grpc.aio.ServicerContext, error: SttError) -> None:
         """Ends a call of a method the engine does not serve with ``error``, once the caller is
         authenticated (an unauthenticated caller learns nothing about the server)."""

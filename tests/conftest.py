@@ -9,6 +9,7 @@ import pytest
 
 from engine.audio import read_audio_file
 from tests.helpers import SAMPLE, Clip, ServerProcess, load_clips, serving
+from tests.otlp_receiver import OtlpReceiver
 from tests.pki import Pki, make_pki
 
 
@@ -44,6 +45,26 @@ def server() -> Iterator[ServerProcess]:
         "1",
     ) as proc:
         yield proc
+
+
+@pytest.fixture(scope="session")
+def api_server() -> Iterator[tuple[ServerProcess, OtlpReceiver]]:
+    """A server exporting OTLP to a receiver here, for the Google and Riva API tests."""
+    receiver = OtlpReceiver().start()
+    server = ServerProcess(
+        env={
+            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+            "OTEL_METRIC_EXPORT_INTERVAL": "500",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",
+        }
+    )
+    try:
+        server.wait_ready()
+        yield server, receiver
+    finally:
+        code = server.stop()
+        receiver.stop()
+    assert code == 0
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from riva.client.proto import riva_asr_pb2
 
 from engine.api import stt_pb2
 from engine.errors import ERROR_DOMAIN
@@ -183,6 +184,8 @@ raw_messages = st.one_of(
             "stt.v1.Speech/GetServerInfo",
             "google.cloud.speech.v1.Speech/Recognize",
             "google.cloud.speech.v1.Speech/LongRunningRecognize",
+            "nvidia.riva.asr.RivaSpeechRecognition/Recognize",
+            "nvidia.riva.asr.RivaSpeechRecognition/GetRivaSpeechRecognitionConfig",
         ]
     ),
 )
@@ -199,9 +202,11 @@ def test_any_unary_bytes_end_in_ok_or_a_described_status(fuzzed, data, method):
     check_status(error, unimplemented=method.endswith("LongRunningRecognize"))
 
 
+# Half the configs keep to the encodings the engine decodes, so the rest of the translation and
+# the audio path get fuzzed too, not only the encoding check.
 google_configs = st.builds(
     GoogleConfig,
-    encoding=st.integers(-2, 12),
+    encoding=st.one_of(st.sampled_from([1, 3]), st.integers(-2, 12)),  # LINEAR16, MULAW
     sample_rate_hertz=st.one_of(st.sampled_from([0, 8000, 16000, 48000]), st.integers(-5, 200_000)),
     audio_channel_count=st.integers(-1, 20),
     enable_separate_recognition_per_channel=st.booleans(),
@@ -289,6 +294,75 @@ def test_any_stream_bytes_end_in_ok_or_a_described_status(fuzzed, bad, position)
         )
         try:
             list(call(iter(messages), timeout=30))
+        except grpc.RpcError as raised:
+            error = raised
+    check_status(error)
+
+
+riva_configs = st.builds(
+    riva_asr_pb2.RecognitionConfig,
+    encoding=st.one_of(st.sampled_from([1, 3, 20]), st.integers(-2, 25)),  # LINEAR_PCM, MULAW, ALAW
+    sample_rate_hertz=st.one_of(st.sampled_from([0, 8000, 16000, 48000]), st.integers(-5, 200_000)),
+    language_code=text,
+    max_alternatives=st.integers(-1, 40),
+    profanity_filter=st.booleans(),
+    speech_contexts=st.lists(
+        st.builds(
+            riva_asr_pb2.SpeechContext,
+            phrases=st.lists(st.text(max_size=300), max_size=5),
+            boost=st.floats(-30, 30, allow_nan=False),
+        ),
+        max_size=3,
+    ),
+    audio_channel_count=st.integers(-1, 20),
+    enable_word_time_offsets=st.booleans(),
+    enable_automatic_punctuation=st.booleans(),
+    enable_separate_recognition_per_channel=st.booleans(),
+    model=text,
+    verbatim_transcripts=st.booleans(),
+    custom_configuration=st.one_of(
+        st.just({}), st.dictionaries(st.text(max_size=20), st.text(max_size=20), max_size=2)
+    ),
+    endpointing_config=st.one_of(
+        st.builds(riva_asr_pb2.EndpointingConfig),
+        st.builds(
+            riva_asr_pb2.EndpointingConfig,
+            start_history=st.integers(-10, 5000),
+            start_threshold=st.floats(-1, 2, allow_nan=False),
+            stop_history=st.integers(-10, 10_000),
+            stop_threshold=st.floats(-1, 2, allow_nan=False),
+        ),
+    ),
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(config=riva_configs, audio=st.binary(max_size=20_000), streaming=st.booleans(), interim=st.booleans())
+def test_any_riva_call_ends_in_ok_or_a_described_status(fuzzed, config, audio, streaming, interim):
+    """Riva's configs, valid or not, through both Riva recognition methods."""
+    error = None
+    with grpc.insecure_channel(fuzzed.target) as channel:
+        try:
+            if streaming:
+                call = channel.stream_stream(
+                    "/nvidia.riva.asr.RivaSpeechRecognition/StreamingRecognize",
+                    request_serializer=_serialize,
+                    response_deserializer=riva_asr_pb2.StreamingRecognizeResponse.FromString,
+                )
+                first = riva_asr_pb2.StreamingRecognitionConfig(config=config, interim_results=interim)
+                requests = [riva_asr_pb2.StreamingRecognizeRequest(streaming_config=first)]
+                requests += [
+                    riva_asr_pb2.StreamingRecognizeRequest(audio_content=audio[i : i + 8000])
+                    for i in range(0, len(audio), 8000)
+                ]
+                list(call(iter(requests), timeout=30))
+            else:
+                call = channel.unary_unary(
+                    "/nvidia.riva.asr.RivaSpeechRecognition/Recognize",
+                    request_serializer=_serialize,
+                    response_deserializer=riva_asr_pb2.RecognizeResponse.FromString,
+                )
+                call(riva_asr_pb2.RecognizeRequest(config=config, audio=audio), timeout=30)
         except grpc.RpcError as raised:
             error = raised
     check_status(error)

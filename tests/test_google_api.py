@@ -1,7 +1,8 @@
 """google.cloud.speech.v1.Speech, driven by the unmodified official client (google-cloud-speech).
 
-One server exporting OTLP to a receiver here; the client's ``SpeechClient`` gets a gRPC channel
-to it, as a user moving from the hosted service would give it one.
+One server exporting OTLP to a receiver here (``api_server``, shared with the Riva tests); the
+client's ``SpeechClient`` gets a gRPC channel to it, as a user moving from the hosted service
+would give it one.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ from engine.api import stt_pb2
 from engine.audio import float_to_linear16
 from engine.client import SpeechClient as SttClient
 from engine.client import StreamConfig, audio_requests, final_transcripts
-from engine.google_api import mask_profanity, strip_punctuation
-from tests.helpers import ServerProcess, ffmpeg, long_segment, normalize, tool, wer
-from tests.otlp_receiver import OtlpReceiver
+from engine.compat import mask_profanity, strip_punctuation
+from tests.helpers import ffmpeg, long_segment, normalize, tool, wer
 
 Encoding = speech.RecognitionConfig.AudioEncoding
 Event = speech.StreamingRecognizeResponse.SpeechEventType
@@ -34,28 +34,9 @@ JFK_TEXT = (
 )
 
 
-@pytest.fixture(scope="module")
-def google_server():
-    receiver = OtlpReceiver().start()
-    server = ServerProcess(
-        env={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
-            "OTEL_METRIC_EXPORT_INTERVAL": "500",
-            "OTEL_BSP_SCHEDULE_DELAY": "200",
-        }
-    )
-    try:
-        server.wait_ready()
-        yield server, receiver
-    finally:
-        code = server.stop()
-        receiver.stop()
-    assert code == 0
-
-
 @pytest.fixture
-def client(google_server):
-    server, _ = google_server
+def client(api_server):
+    server, _ = api_server
     channel = grpc.insecure_channel(server.target)
     yield speech.SpeechClient(transport=SpeechGrpcTransport(channel=channel))
     channel.close()
@@ -84,8 +65,8 @@ def seconds(duration) -> float:
     return duration.total_seconds()
 
 
-def test_recognize_equals_the_stt_v1_transcripts_and_word_offsets(google_server, client, jfk):
-    server, _ = google_server
+def test_recognize_equals_the_stt_v1_transcripts_and_word_offsets(api_server, client, jfk):
+    server, _ = api_server
     segment, reference = long_segment("1998-15444-0000")
     for audio in (jfk, segment):
         response = client.recognize(
@@ -111,11 +92,11 @@ def test_recognize_equals_the_stt_v1_transcripts_and_word_offsets(google_server,
     assert wer([reference], [" ".join(r.alternatives[0].transcript for r in response.results)]) < 0.2
 
 
-def test_streaming_recognize_with_the_clients_helper(google_server, client, jfk):
+def test_streaming_recognize_with_the_clients_helper(api_server, client, jfk):
     """Real-time paced through ``SpeechClient.streaming_recognize``: interims before each final,
     voice activity events around them, and the finals' words equal those of an stt.v1 stream of
     the same audio running beside it."""
-    server, _ = google_server
+    server, _ = api_server
     beside: list[str] = []
 
     def stt_stream() -> None:
@@ -149,7 +130,7 @@ def test_streaming_recognize_with_the_clients_helper(google_server, client, jfk)
     assert seconds(responses[-1].total_billed_time) == pytest.approx(len(jfk) / 16000, abs=0.2)
 
 
-def test_mulaw_8khz_single_utterance_without_punctuation(google_server, client, jfk):
+def test_mulaw_8khz_single_utterance_without_punctuation(api_server, client, jfk):
     mulaw = ffmpeg("-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-", "-ar", "8000", "-f", "mulaw", "-",
                    data=float_to_linear16(jfk))  # fmt: skip
     streaming = speech.StreamingRecognitionConfig(
@@ -160,7 +141,7 @@ def test_mulaw_8khz_single_utterance_without_punctuation(google_server, client, 
     events = [r.speech_event_type for r in responses if r.speech_event_type]
     assert events == [Event.END_OF_SINGLE_UTTERANCE]  # voice activity events were not asked for
     (final,) = [r.results[0] for r in responses if r.results and r.results[0].is_final]
-    with SttClient(google_server[0].target) as stt:
+    with SttClient(api_server[0].target) as stt:
         stt_config = StreamConfig(
             encoding=stt_pb2.MULAW, sample_rate_hertz=8000, single_utterance=True, language_code="en-US"
         )
@@ -224,8 +205,8 @@ def test_a_config_the_engine_cannot_honour_is_refused_naming_the_field(client, f
     assert violation.field == field
 
 
-def test_refusals_come_back_as_the_client_raises_them_and_the_server_keeps_serving(google_server, client):
-    server, _ = google_server
+def test_refusals_come_back_as_the_client_raises_them_and_the_server_keeps_serving(api_server, client):
+    server, _ = api_server
     with pytest.raises(exceptions.MethodNotImplemented, match="StreamingRecognize"):
         client.long_running_recognize(config=config(), audio=speech.RecognitionAudio(content=bytes(3200)))
     with pytest.raises(exceptions.InvalidArgument, match="audio.uri"):
@@ -252,8 +233,8 @@ def test_refusals_come_back_as_the_client_raises_them_and_the_server_keeps_servi
         assert stt.health() == "SERVING" and stt.health("google.cloud.speech.v1.Speech") == "SERVING"
 
 
-def test_reflection_lists_and_describes_the_google_service(google_server):
-    server, _ = google_server
+def test_reflection_lists_and_describes_the_google_service(api_server):
+    server, _ = api_server
     listed = subprocess.run(
         [tool("grpcurl"), "-plaintext", server.target, "list"], capture_output=True, text=True
     )
@@ -269,8 +250,8 @@ def test_reflection_lists_and_describes_the_google_service(google_server):
     )
 
 
-def test_a_google_stream_is_traced_with_chunk_and_decode_spans(google_server, client, jfk):
-    _, receiver = google_server
+def test_a_google_stream_is_traced_with_chunk_and_decode_spans(api_server, client, jfk):
+    _, receiver = api_server
     audio = jfk[: 3 * 16000]
     requests = list(audio_requests(audio, realtime=False))
     list(client.streaming_recognize(

@@ -194,6 +194,33 @@ def test_the_google_client_authenticates_with_its_bearer_token_over_tls(tls_serv
                     client.recognize(config=config, audio=audio)
 
 
+def test_the_riva_client_authenticates_with_a_bearer_token_over_tls(tls_server, jfk):
+    """riva.client.Auth sends whatever metadata it is given: the engine's token is one header."""
+    import riva.client
+
+    from engine.audio import float_to_linear16
+
+    config = riva.client.RecognitionConfig(
+        encoding=riva.client.AudioEncoding.LINEAR_PCM, sample_rate_hertz=16000, language_code="en-US"
+    )
+    for token, code in ((TOKENS["bob"], None), ("not-a-token", grpc.StatusCode.UNAUTHENTICATED)):
+        auth = riva.client.Auth(
+            ssl_root_cert=tls_server.pki.ca_file,
+            use_ssl=True,
+            uri=tls_server.target,
+            metadata_args=[["authorization", f"Bearer {token}"]],
+        )
+        asr = riva.client.ASRService(auth)
+        if code is None:
+            response = asr.offline_recognize(float_to_linear16(jfk), config)
+            transcript = " ".join(r.alternatives[0].transcript for r in response.results)
+            assert wer([JFK_TEXT], [transcript]) < 0.1
+        else:
+            with pytest.raises(grpc.RpcError) as raised:
+                asr.offline_recognize(float_to_linear16(jfk), config)
+            assert raised.value.code() == code
+
+
 def test_tokens_are_required_and_checked(tls_server, jfk):
     short = jfk[:8000]
     for token in (None, "not-a-token", TOKENS["alice"] + "x"):

@@ -1,0 +1,77 @@
+"""What the Google and Riva API layers share: their output options and their phrase hints.
+
+Both APIs leave punctuation out unless asked for it, both mask profanity on request, and both
+take lists of phrases (with boosts) that the engine gives Whisper as its prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from .errors import SttError, invalid_argument
+from .settings import MAX_PROMPT_CHARS
+
+# Punctuation Whisper writes, removed when automatic punctuation is off (both APIs' default):
+# sentence marks, and quotes and brackets around words. Kept: apostrophes and hyphens inside
+# words ("don't", "well-known") and points and commas inside numbers ("3.5", "1,000").
+_PUNCTUATION = re.compile(r"(?<!\d)[.,](?!\d)|[.,](?=\s|$)|[?!;:\"“”‘’()\[\]…]|(?<!\w)'|'(?!\w)")
+# Words masked by a profanity filter, as Google and Riva mask them: the first letter, then asterisks.
+PROFANITIES = frozenset(
+    "fuck fucking fucked fucker motherfucker shit shitty bullshit bitch bitches bastard asshole "
+    "cunt dick cock pussy whore slut damn goddamn piss".split()
+)
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def strip_punctuation(text: str) -> str:
+    """``text`` without the punctuation the APIs leave out when it is not asked for."""
+    return " ".join(_PUNCTUATION.sub("", text).split())
+
+
+def mask_profanity(text: str) -> str:
+    """``text`` with each profane word as its first letter and asterisks ("f***")."""
+
+    def mask(match: re.Match) -> str:
+        word = match.group(0)
+        return word[0] + "*" * (len(word) - 1) if word.lower() in PROFANITIES else word
+
+    return _WORD.sub(mask, text)
+
+
+class OutputText:
+    """How a result's text is written: with or without punctuation, masked or not."""
+
+    def __init__(self, punctuation: bool, profanity_filter: bool) -> None:
+        self.punctuation = punctuation
+        self.profanity_filter = profanity_filter
+
+    def __call__(self, text: str) -> str:
+        if not self.punctuation:
+            text = strip_punctuation(text)
+        return mask_profanity(text) if self.profanity_filter else text
+
+
+def refuse(field: str, message: str) -> SttError:
+    """INVALID_ARGUMENT for a field the engine cannot honour, naming it."""
+    return invalid_argument("STT_CONFIG_UNSUPPORTED", f"{field}: {message}", field)
+
+
+def phrase_prompt(contexts: Iterable[Any], field: str) -> str:
+    """The phrases of ``speech_contexts`` as the decoder prompt, most boosted first (Whisper has
+    no per-phrase weight: earlier text in the prompt is what a boost can become). A negative
+    boost, which asks for a phrase to be avoided, cannot be honoured."""
+    weighted = []
+    for index, context in enumerate(contexts):
+        if context.boost < 0:
+            raise refuse(f"{field}[{index}].boost", "negative boosts (avoid a phrase) are not supported")
+        weighted += [(-context.boost, phrase.strip()) for phrase in context.phrases if phrase.strip()]
+    prompt = ", ".join(phrase for _, phrase in sorted(weighted, key=lambda item: item[0]))
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise invalid_argument(
+            "STT_PROMPT_TOO_LONG",
+            f"{field} hold {len(prompt)} characters of phrases; at most {MAX_PROMPT_CHARS}",
+            field,
+        )
+    return prompt
