@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import itertools
 import json
 import os
 import subprocess
@@ -46,13 +47,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from engine.audio import read_audio_file  # noqa: E402
-from engine.client import SpeechClient, StreamConfig  # noqa: E402
+from engine.client import SpeechClient, StreamConfig, audio_requests  # noqa: E402
 from engine.model import resolve_model_path  # noqa: E402
 from otel.instruments import LENGTH_CLASSES  # noqa: E402
 
@@ -155,8 +157,13 @@ def run_stream(
     words: bool = True,
     token: str | None = None,
     cancel: threading.Event | None = None,
+    api: str = "stt",
 ) -> None:
-    """``token``: a bearer token for the call; ``cancel``: cancels the stream when set."""
+    """``token``: a bearer token for the call; ``cancel``: cancels the stream when set;
+    ``api``: the API the stream speaks (stt, google or riva), with the same audio and settings."""
+    if api != "stt":
+        run_translated_stream(target, audio, record, words, api)
+        return
     config = StreamConfig(enable_word_time_offsets=words)
     with SpeechClient(target, token=token) as client:
         started = time.monotonic()  # offset 0 of the audio is spoken now
@@ -176,6 +183,62 @@ def run_stream(
                     end = result.result_end_offset.ToTimedelta().total_seconds()
                     last_word = seconds(best.words[-1].end_offset) if best.words else None
                     record.finals.append(Final(start, end, at, best.transcript, last_word))
+        except Exception as exc:  # recorded, counted as an error
+            record.error = repr(exc)
+        record.wall = time.monotonic() - started
+
+
+def run_translated_stream(
+    target: str, audio: np.ndarray, record: StreamRecord, words: bool, api: str
+) -> None:
+    """One real-time stream through Google's or Riva's API, with the messages their clients send.
+    Neither API gives a result's start offset, so a final's start is its first word's, and
+    there is no first-result figure."""
+    if api == "google":
+        from google.cloud.speech_v1 import types as google
+
+        encoding = google.RecognitionConfig.AudioEncoding.LINEAR16
+        config = google.RecognitionConfig.pb()(
+            encoding=encoding, sample_rate_hertz=16000, language_code="en-US",
+            enable_automatic_punctuation=True, enable_word_time_offsets=words,
+        )  # fmt: skip
+        first = google.StreamingRecognitionConfig.pb()(config=config, interim_results=True)
+        Request, Response = google.StreamingRecognizeRequest.pb(), google.StreamingRecognizeResponse.pb()
+        method = "/google.cloud.speech.v1.Speech/StreamingRecognize"
+    else:
+        from riva.client.proto import riva_asr_pb2 as riva
+        from riva.client.proto import riva_audio_pb2
+
+        config = riva.RecognitionConfig(
+            encoding=riva_audio_pb2.LINEAR_PCM, sample_rate_hertz=16000, language_code="en-US",
+            enable_automatic_punctuation=True, enable_word_time_offsets=words,
+        )  # fmt: skip
+        first = riva.StreamingRecognitionConfig(config=config, interim_results=True)
+        Request, Response = riva.StreamingRecognizeRequest, riva.StreamingRecognizeResponse
+        method = "/nvidia.riva.asr.RivaSpeechRecognition/StreamingRecognize"
+    with grpc.insecure_channel(target) as channel:
+        call = channel.stream_stream(
+            method, request_serializer=Request.SerializeToString, response_deserializer=Response.FromString
+        )
+        started = time.monotonic()
+        requests = itertools.chain(
+            [Request(streaming_config=first)],
+            (Request(audio_content=r.audio_content) for r in audio_requests(audio, 100, True, started)),
+        )
+        try:
+            for response in call(requests):
+                at = time.monotonic() - started
+                for result in response.results:
+                    if not result.is_final or not result.alternatives:
+                        continue
+                    best = result.alternatives[0]
+                    if api == "google":
+                        span = [(seconds(w.start_time), seconds(w.end_time)) for w in best.words]
+                    else:
+                        span = [(w.start_time / 1000, w.end_time / 1000) for w in best.words]
+                    start = span[0][0] if span else 0.0
+                    last_word = span[-1][1] if span else None
+                    record.finals.append(Final(start, last_word or start, at, best.transcript, last_word))
         except Exception as exc:  # recorded, counted as an error
             record.error = repr(exc)
         record.wall = time.monotonic() - started
@@ -402,7 +465,7 @@ def start_server(
     return server
 
 
-def bench_server(audio, segments, streams: int, args) -> dict:
+def bench_server(audio, segments, streams: int, args, api: str = "stt") -> dict:
     port = 50200 + streams
     target = f"127.0.0.1:{port}"
     env = {"OTEL_SDK_DISABLED": "true"}
@@ -429,7 +492,7 @@ def bench_server(audio, segments, streams: int, args) -> dict:
             (audio, segments) if args.synchronized else rotate(audio, segments, i) for i in range(streams)
         ]
         threads = [
-            threading.Thread(target=run_stream, args=(target, form, r, args.words))
+            threading.Thread(target=run_stream, args=(target, form, r, args.words), kwargs={"api": api})
             for r, (form, _) in zip(records, forms)
         ]
         started = time.monotonic()
@@ -450,6 +513,7 @@ def bench_server(audio, segments, streams: int, args) -> dict:
     audio_seconds = result["admitted"] * len(audio) / 16000  # refused streams sent nothing
     result.update(
         streams=streams,
+        api=api,
         cpu_per_audio_second=cpu / audio_seconds,
         rss_start_mb=rss[0][1],
         rss_end_mb=rss[-1][1],
@@ -471,6 +535,15 @@ def main() -> None:
         help="joined: the clips with --pause between them; continuous: 60 s of speech with "
         "0.25-0.5 s pauses, slowed to tempo 0.8",
     )
+    parser.add_argument(
+        "--api",
+        nargs="+",
+        choices=("stt", "google", "riva"),
+        default=["stt"],
+        help="the API the streams speak: stt.v1, Google Cloud Speech v1, Riva (same audio and settings); "
+        "several: each in turn at every stream count, side by side",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each API at every stream count")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
@@ -519,11 +592,13 @@ def main() -> None:
     print(f"offline faster-whisper beam 5: {json.dumps(offline)}", flush=True)
     rows = []
     for streams in args.streams:
-        row = bench_server(audio, segments, streams, args)
-        row["cpu_ratio_vs_offline"] = row["cpu_per_audio_second"] / offline["cpu_per_audio_second"]
-        row["wer_delta_points"] = 100 * (row["wer"] - offline["wer"])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for _ in range(args.rounds):
+            for api in args.api:  # interleaved, so each API sees the machine's same moods
+                row = bench_server(audio, segments, streams, args, api)
+                row["cpu_ratio_vs_offline"] = row["cpu_per_audio_second"] / offline["cpu_per_audio_second"]
+                row["wer_delta_points"] = 100 * (row["wer"] - offline["wer"])
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     # Both latency definitions within 1.5 s at p95, no errors, nobody behind real time.
     capacity = max(
@@ -541,6 +616,8 @@ def main() -> None:
         json.dumps({"offline": offline, "runs": rows, "capacity": capacity}, indent=2)
     )
     print(markdown(offline, rows))
+    if len(args.api) > 1:
+        print("\n" + api_markdown(rows))
     if args.telemetry:
         print("\nWhere the server's final latency went (stt.utterance spans):\n")
         print(breakdown_markdown(rows))
@@ -578,6 +655,33 @@ def fmt(value, digits=2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def api_markdown(rows: list[dict]) -> str:
+    """Medians over the rounds of each API at each stream count, and their ratio to stt.v1."""
+    lines = [
+        "| streams | api | rounds | final after last word p50 / p95 (s) | CPU-s per audio-s | "
+        "CPU vs stt | p95 vs stt | WER % |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for streams in sorted({r["streams"] for r in rows}):
+        medians = {}
+        for api in dict.fromkeys(r["api"] for r in rows):
+            mine = [r for r in rows if r["streams"] == streams and r["api"] == api]
+            medians[api] = {
+                key: float(np.median([r[key] for r in mine if r[key] is not None] or [np.nan]))
+                for key in ("word_latency_p50", "word_latency_p95", "cpu_per_audio_second", "wer")
+            } | {"rounds": len(mine)}
+        base = medians.get("stt")
+        for api, m in medians.items():
+            cpu_ratio = f"{m['cpu_per_audio_second'] / base['cpu_per_audio_second']:.3f}" if base else "-"
+            p95_ratio = f"{m['word_latency_p95'] / base['word_latency_p95']:.3f}" if base else "-"
+            lines.append(
+                f"| {streams} | {api} | {m['rounds']} | {fmt(m['word_latency_p50'])} / "
+                f"{fmt(m['word_latency_p95'])} | {m['cpu_per_audio_second']:.4f} | {cpu_ratio} | "
+                f"{p95_ratio} | {100 * m['wer']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def markdown(offline: dict, rows: list[dict]) -> str:
     lines = [
         f"Offline faster-whisper beam 5: {offline['cpu_per_audio_second']:.3f} CPU-s per audio-s, "
@@ -591,7 +695,8 @@ def markdown(offline: dict, rows: list[dict]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['streams']} | {fmt(r['word_latency_p50'])} / {fmt(r['word_latency_p95'])} / "
+            f"| {r['streams']}{'' if r.get('api', 'stt') == 'stt' else ' (' + r['api'] + ')'} | "
+            f"{fmt(r['word_latency_p50'])} / {fmt(r['word_latency_p95'])} / "
             f"{fmt(r.get('word_latency_max'))} | "
             f"{fmt(r['final_latency_p50'])} / {fmt(r['final_latency_p95'])} | "
             f"{fmt(r['first_result_p50'])} | {r['cpu_per_audio_second']:.3f} | "
