@@ -13,6 +13,7 @@ the call's span.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +149,44 @@ def translate_config(config: Any, field: str, call: CallTelemetry) -> stt_pb2.Re
     )
 
 
+class VoiceActivityTimeout:
+    """Google's ``voice_activity_timeout``, counted in audio time: the stream closes when no
+    speech has begun ``start`` seconds into its audio, or when none follows ``end`` seconds after
+    the last speech ended. Audio time, not wall time, so a client that sends ahead, or falls
+    behind, gets the same answer as a real-time one."""
+
+    def __init__(self, start: float, end: float, bytes_per_second: float) -> None:
+        self.start = start  # 0: no limit
+        self.end = end
+        self.bytes_per_second = bytes_per_second
+        self.heard = 0.0  # seconds of audio received
+        self.in_speech = False
+        self.ended_at: float | None = None  # offset of the last speech end
+
+    def audio(self, num_bytes: int) -> None:
+        self.heard += num_bytes / self.bytes_per_second
+
+    def speech(self, started: bool, offset: float) -> None:
+        self.in_speech = started
+        if not started:
+            self.ended_at = offset
+
+    @property
+    def expired(self) -> bool:
+        if self.in_speech:
+            return False
+        if self.ended_at is None:
+            return self.start > 0 and self.heard >= self.start
+        return self.end > 0 and self.heard >= self.ended_at + self.end
+
+
+def _timeout_seconds(duration: Any, field: str) -> float:
+    value = duration.seconds + duration.nanos / 1e9
+    if value < 0:
+        raise invalid_argument("STT_CONFIG_OUT_OF_RANGE", f"{field} must not be negative", field)
+    return value
+
+
 class GoogleStream:
     """One Google stream: its requests as stt.v1 requests, the core's responses as Google's."""
 
@@ -155,6 +194,8 @@ class GoogleStream:
         self._requests = requests
         self._call: CallTelemetry | None = None
         self.settings: GoogleSettings | None = None
+        self.timeout: VoiceActivityTimeout | None = None
+        self.timed_out = False
 
     def bind(self, call: CallTelemetry) -> None:
         """The call's telemetry, which records the config's hints."""
@@ -164,6 +205,13 @@ class GoogleStream:
         return self
 
     async def __anext__(self) -> Any:
+        if self.timeout is not None:
+            # The core's events for the audio just read are queued; let them be translated
+            # (and so seen here) before the timeout is judged.
+            await asyncio.sleep(0)
+        if self.timeout is not None and self.timeout.expired:
+            self.timed_out = True  # the end of the stream's input: its finals are still delivered
+            raise StopAsyncIteration
         request = await anext(self._requests)
         if not isinstance(request, StreamingRequest):
             return request  # a MalformedRequest: the core refuses it
@@ -173,13 +221,15 @@ class GoogleStream:
             return stt_pb2.StreamingRecognizeRequest(streaming_config=self._config(request.streaming_config))
         if request.HasField("streaming_config"):
             return stt_pb2.StreamingRecognizeRequest(streaming_config=stt_pb2.StreamingRecognitionConfig())
-        return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
+        audio = request.audio_content  # a copy at each access (upb): take one
+        if self.timeout is not None:
+            self.timeout.audio(len(audio))
+        return stt_pb2.StreamingRecognizeRequest(audio_content=audio)
 
     def _config(self, streaming: Any) -> stt_pb2.StreamingRecognitionConfig:
-        field = "streaming_config.voice_activity_timeout"
-        if streaming.HasField("voice_activity_timeout"):
-            raise refuse(field, "voice activity timeouts are not supported yet")
         config = translate_config(streaming.config, "streaming_config.config", self._call)
+        if streaming.HasField("voice_activity_timeout"):
+            self.timeout = self._voice_activity_timeout(streaming, config)
         self.settings = GoogleSettings(streaming.config, streaming)
         return stt_pb2.StreamingRecognitionConfig(
             config=config,
@@ -187,12 +237,43 @@ class GoogleStream:
             single_utterance=streaming.single_utterance,
         )
 
+    @staticmethod
+    def _voice_activity_timeout(streaming: Any, config: stt_pb2.RecognitionConfig) -> VoiceActivityTimeout:
+        field = "streaming_config.voice_activity_timeout"
+        if not streaming.enable_voice_activity_events:
+            raise invalid_argument(
+                "STT_CONFIG_UNSUPPORTED",
+                f"{field} needs streaming_config.enable_voice_activity_events (as Google's API does)",
+                field,
+            )
+        timeout = streaming.voice_activity_timeout
+        start = _timeout_seconds(timeout.speech_start_timeout, field + ".speech_start_timeout")
+        end = _timeout_seconds(timeout.speech_end_timeout, field + ".speech_end_timeout")
+        linear = config.encoding == stt_pb2.LINEAR16
+        rate = config.sample_rate_hertz or (16000 if linear else 8000)
+        return VoiceActivityTimeout(
+            start, end, (2 if linear else 1) * max(1, config.audio_channel_count) * rate
+        )
+
+    def timeout_event(self) -> Any:
+        """The SPEECH_ACTIVITY_TIMEOUT response that ends a stream closed by the timeout: at
+        the audio offset where it expired, which is all the audio the stream took."""
+        out = StreamingResponse(speech_event_type=SpeechEventType.SPEECH_ACTIVITY_TIMEOUT)
+        out.speech_event_time.FromNanoseconds(round(self.timeout.heard * 1e9))
+        out.total_billed_time.FromNanoseconds(round(self.timeout.heard * 1e9))
+        return out
+
     def response(self, response: stt_pb2.StreamingRecognizeResponse) -> Any | None:
         """The Google response for the core's ``response``; None when Google sends none."""
         out = StreamingResponse()
         out.total_billed_time.CopyFrom(response.total_billed_time)
         if response.HasField("speech_event"):
             kind = response.speech_event.type
+            if self.timeout is not None and kind != stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE:
+                offset = response.speech_event.offset
+                self.timeout.speech(
+                    kind == stt_pb2.SpeechEvent.SPEECH_STARTED, offset.seconds + offset.nanos / 1e9
+                )
             if kind != stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE and not self.settings.voice_events:
                 return None
             out.speech_event_type = SPEECH_EVENTS[kind]
@@ -214,6 +295,8 @@ class GoogleSpeechService:
             translated = stream.response(response)
             if translated is not None:
                 yield translated
+        if stream.timed_out:
+            yield stream.timeout_event()
 
     async def Recognize(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         settings: list[GoogleSettings] = []

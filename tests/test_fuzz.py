@@ -238,9 +238,12 @@ google_configs = st.builds(
     interim_results=st.booleans(),
     single_utterance=st.booleans(),
     voice_events=st.booleans(),
+    timeouts=st.one_of(
+        st.none(), st.tuples(st.integers(-2, 3), st.integers(-2, 3), st.integers(0, 999_999_999))
+    ),
 )
 def test_any_google_call_ends_in_ok_or_a_described_status(
-    fuzzed, config, audio, streaming, interim_results, single_utterance, voice_events
+    fuzzed, config, audio, streaming, interim_results, single_utterance, voice_events, timeouts
 ):
     """Google's configs, valid or not, through both Google methods (what the official client
     sends, with its fields fuzzed)."""
@@ -259,6 +262,11 @@ def test_any_google_call_ends_in_ok_or_a_described_status(
                     single_utterance=single_utterance,
                     enable_voice_activity_events=voice_events,
                 )
+                if timeouts is not None:
+                    start, end, nanos = timeouts
+                    first.voice_activity_timeout.speech_start_timeout.seconds = start
+                    first.voice_activity_timeout.speech_end_timeout.seconds = end
+                    first.voice_activity_timeout.speech_end_timeout.nanos = nanos if end >= 0 else -nanos
                 Request = google.StreamingRecognizeRequest.pb()
                 requests = [Request(streaming_config=first)]
                 requests += [Request(audio_content=audio[i : i + 8000]) for i in range(0, len(audio), 8000)]

@@ -211,6 +211,7 @@ def test_refusals_come_back_as_the_client_raises_them_and_the_server_keeps_servi
         client.long_running_recognize(config=config(), audio=speech.RecognitionAudio(content=bytes(3200)))
     with pytest.raises(exceptions.InvalidArgument, match="audio.uri"):
         client.recognize(config=config(), audio=speech.RecognitionAudio(uri="gs://bucket/file.wav"))
+    # A timeout needs voice activity events, as Google's API says.
     timeout = speech.StreamingRecognitionConfig.VoiceActivityTimeout(speech_start_timeout={"seconds": 5})
     streaming = speech.StreamingRecognitionConfig(config=config(), voice_activity_timeout=timeout)
     with pytest.raises(exceptions.InvalidArgument, match="voice_activity_timeout"):
@@ -273,3 +274,36 @@ def test_a_google_stream_is_traced_with_chunk_and_decode_spans(api_server, clien
     assert attributes["rpc.method"].string_value == STREAMING
     assert attributes["stt.google.model"].string_value == "default"
     assert np.isclose(len(requests), len(audio) / 1600, atol=1)
+
+
+def test_voice_activity_timeouts_close_the_stream_after_its_finals(client, jfk):
+    Timeout = speech.StreamingRecognitionConfig.VoiceActivityTimeout
+    silence = np.zeros(3 * 16000, dtype=np.float32)
+
+    def run(audio: np.ndarray, timeout) -> list:
+        streaming = speech.StreamingRecognitionConfig(
+            config=config(), enable_voice_activity_events=True, voice_activity_timeout=timeout
+        )
+        requests = paced(float_to_linear16(audio), 32000)
+        return list(client.streaming_recognize(config=streaming, requests=requests))
+
+    # Nobody speaks in the first second: the stream closes then, with no result.
+    responses = run(np.concatenate([silence, jfk]), Timeout(speech_start_timeout={"seconds": 1}))
+    assert [r.speech_event_type for r in responses] == [Event.SPEECH_ACTIVITY_TIMEOUT]
+    assert 1.0 <= seconds(responses[0].speech_event_time) <= 1.3
+
+    # JFK, then silence: every final, then the timeout 1.5 s after his last word.
+    responses = run(
+        np.concatenate([jfk, silence, silence]),
+        Timeout(speech_end_timeout={"seconds": 1, "nanos": 500_000_000}),
+    )
+    finals = [
+        r.results[0].alternatives[0].transcript for r in responses if r.results and r.results[0].is_final
+    ]
+    assert wer([JFK_TEXT], [" ".join(finals)]) < 0.1
+    assert responses[-1].speech_event_type == Event.SPEECH_ACTIVITY_TIMEOUT
+    ended = [
+        seconds(r.speech_event_time) for r in responses if r.speech_event_type == Event.SPEECH_ACTIVITY_END
+    ]
+    assert 1.5 <= seconds(responses[-1].speech_event_time) - ended[-1] <= 1.8
+    assert seconds(responses[-1].speech_event_time) < len(jfk) / 16000 + 3  # before the audio ran out
