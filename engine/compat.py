@@ -7,9 +7,11 @@ take lists of phrases (with boosts) that the engine gives Whisper as its prompt.
 from __future__ import annotations
 
 import re
+from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
+from .compressed import CompressedAudioError, streaming_decoder
 from .errors import SttError, invalid_argument
 from .settings import MAX_PROMPT_CHARS
 
@@ -75,3 +77,53 @@ def phrase_prompt(contexts: Iterable[Any], field: str) -> str:
             field,
         )
     return prompt
+
+
+# Decoded audio goes to the core in pieces of at most 1 s (16 kHz LINEAR16), so a small
+# compressed message never exceeds the core's per-message limit once decoded.
+PCM_PIECE_BYTES = 32000
+
+
+class AudioIn:
+    """A stream's audio as the core takes it: as sent, or decoded from a compressed encoding
+    (``compressed.STREAMED_ENCODINGS``) into 16 kHz mono LINEAR16 pieces."""
+
+    def __init__(self, compressed: str | None) -> None:
+        self.decoder = streaming_decoder(compressed) if compressed else None
+        self.encoding = compressed
+        self._pieces: deque[bytes] = deque()
+
+    def add(self, data: bytes) -> None:
+        if self.decoder is None:
+            self._pieces.append(data)
+            return
+        try:
+            pcm = self.decoder.decode(data)
+        except CompressedAudioError as exc:
+            raise invalid_argument("STT_AUDIO_MALFORMED", f"audio_content: {exc}", "audio_content") from None
+        self._split(pcm)
+
+    def end(self) -> None:
+        """The client sent its last message: what the decoder holds comes out."""
+        if self.decoder is not None:
+            try:
+                self._split(self.decoder.flush())
+            except CompressedAudioError as exc:
+                raise invalid_argument(
+                    "STT_AUDIO_MALFORMED", f"audio_content: {exc}", "audio_content"
+                ) from None
+
+    def take(self) -> bytes | None:
+        return self._pieces.popleft() if self._pieces else None
+
+    def _split(self, pcm: bytes) -> None:
+        for start in range(0, len(pcm), PCM_PIECE_BYTES):
+            self._pieces.append(pcm[start : start + PCM_PIECE_BYTES])
+
+
+def decode_all(compressed: str, data: bytes) -> bytes:
+    """A whole compressed recording (a Recognize call's) as 16 kHz mono LINEAR16."""
+    audio = AudioIn(compressed)
+    audio.add(data)
+    audio.end()
+    return b"".join(iter(audio.take, None))

@@ -23,7 +23,8 @@ from google.longrunning import operations_pb2
 from google.protobuf import descriptor_pb2, descriptor_pool
 
 from .api import stt_pb2
-from .compat import OutputText, phrase_prompt, refuse
+from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
+from .compat import AudioIn, OutputText, decode_all, phrase_prompt, refuse
 from .errors import SttError, invalid_argument
 
 if TYPE_CHECKING:
@@ -46,6 +47,14 @@ GoogleEncoding = google.RecognitionConfig.AudioEncoding
 SpeechEventType = google.StreamingRecognizeResponse.SpeechEventType
 
 ENCODINGS = {GoogleEncoding.LINEAR16: stt_pb2.LINEAR16, GoogleEncoding.MULAW: stt_pb2.MULAW}
+# Compressed encodings, decoded as they stream in (``compressed``). WEBM_OPUS, AMR_WB and
+# SPEEX_WITH_HEADER_BYTE are not: no Matroska demuxer here, and no encoder to test the others.
+COMPRESSED = {
+    GoogleEncoding.FLAC: "FLAC",
+    GoogleEncoding.OGG_OPUS: "OGG_OPUS",
+    GoogleEncoding.MP3: "MP3",
+    GoogleEncoding.AMR: "AMR",
+}
 SPEECH_EVENTS = {
     stt_pb2.SpeechEvent.SPEECH_STARTED: SpeechEventType.SPEECH_ACTIVITY_BEGIN,
     stt_pb2.SpeechEvent.SPEECH_ENDED: SpeechEventType.SPEECH_ACTIVITY_END,
@@ -99,19 +108,24 @@ class GoogleSettings:
         return out
 
 
+def compressed_encoding(config: Any) -> str | None:
+    """The name of the config's compressed encoding (decoded by ``compat.AudioIn``), or None."""
+    return COMPRESSED.get(config.encoding)
+
+
 def translate_config(config: Any, field: str, call: CallTelemetry) -> stt_pb2.RecognitionConfig:
-    """A Google RecognitionConfig as the engine's, or SttError naming what it cannot honour."""
+    """A Google RecognitionConfig as the engine's, or SttError naming what it cannot honour.
+    Compressed audio reaches the core decoded, as 16 kHz mono LINEAR16."""
     f = field + "."
     encoding = ENCODINGS.get(config.encoding)
-    if encoding is None:
-        name = (
-            GoogleEncoding(config.encoding).name
-            if config.encoding in set(GoogleEncoding)
-            else config.encoding
-        )
+    compressed = compressed_encoding(config)
+    if encoding is None and compressed is None:
+        known = config.encoding in set(GoogleEncoding)
+        name = GoogleEncoding(config.encoding).name if known else config.encoding
         raise invalid_argument(
             "STT_ENCODING_UNSUPPORTED",
-            f"{f}encoding={name} is not supported by this server; use LINEAR16 or MULAW",
+            f"{f}encoding={name} is not supported by this server; use LINEAR16, MULAW, FLAC, "
+            "OGG_OPUS, MP3 or AMR",
             f + "encoding",
         )
     if config.enable_separate_recognition_per_channel and config.audio_channel_count > 1:
@@ -138,10 +152,22 @@ def translate_config(config: Any, field: str, call: CallTelemetry) -> stt_pb2.Re
             "google.use_enhanced": config.use_enhanced,
         }
     )
+    if compressed:
+        # The rate and channels are the decoder's to find; a rate given must still be a rate.
+        if config.sample_rate_hertz and not MIN_SAMPLE_RATE <= config.sample_rate_hertz <= MAX_SAMPLE_RATE:
+            raise invalid_argument(
+                "STT_CONFIG_OUT_OF_RANGE",
+                f"{f}sample_rate_hertz={config.sample_rate_hertz} is out of range: must be "
+                f"{MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz",
+                f + "sample_rate_hertz",
+            )
+        encoding, rate, channels = stt_pb2.LINEAR16, 16000, 1
+    else:
+        rate, channels = config.sample_rate_hertz, config.audio_channel_count
     return stt_pb2.RecognitionConfig(
         encoding=encoding,
-        sample_rate_hertz=config.sample_rate_hertz,
-        audio_channel_count=config.audio_channel_count,
+        sample_rate_hertz=rate,
+        audio_channel_count=channels,
         language_code=config.language_code,
         prompt=prompt,
         enable_word_time_offsets=config.enable_word_time_offsets or config.enable_word_confidence,
@@ -196,6 +222,8 @@ class GoogleStream:
         self.settings: GoogleSettings | None = None
         self.timeout: VoiceActivityTimeout | None = None
         self.timed_out = False
+        self.audio: AudioIn | None = None  # once configured
+        self._input_done = False
 
     def bind(self, call: CallTelemetry) -> None:
         """The call's telemetry, which records the config's hints."""
@@ -205,29 +233,46 @@ class GoogleStream:
         return self
 
     async def __anext__(self) -> Any:
-        if self.timeout is not None:
-            # The core's events for the audio just read are queued; let them be translated
-            # (and so seen here) before the timeout is judged.
-            await asyncio.sleep(0)
-        if self.timeout is not None and self.timeout.expired:
-            self.timed_out = True  # the end of the stream's input: its finals are still delivered
-            raise StopAsyncIteration
-        request = await anext(self._requests)
-        if not isinstance(request, StreamingRequest):
-            return request  # a MalformedRequest: the core refuses it
-        if self.settings is None:
-            if not request.HasField("streaming_config"):
+        while True:
+            piece = self.audio.take() if self.audio is not None else None
+            if piece is not None:
+                if self.timeout is not None:
+                    self.timeout.audio(len(piece))
+                return stt_pb2.StreamingRecognizeRequest(audio_content=piece)
+            if self._input_done:
+                raise StopAsyncIteration
+            if self.timeout is not None:
+                # The core's events for the audio just read are queued; let them be translated
+                # (and so seen here) before the timeout is judged.
+                await asyncio.sleep(0)
+                if self.timeout.expired:
+                    self.timed_out = True  # the end of the stream's input: its finals still come
+                    raise StopAsyncIteration
+            try:
+                request = await anext(self._requests)
+            except StopAsyncIteration:
+                self._input_done = True
+                if self.audio is None:
+                    raise
+                self.audio.end()
+                continue
+            if not isinstance(request, StreamingRequest):
+                return request  # a MalformedRequest: the core refuses it
+            if request.HasField("streaming_config"):
+                if self.settings is not None:  # a second config: the core says so
+                    return stt_pb2.StreamingRecognizeRequest(
+                        streaming_config=stt_pb2.StreamingRecognitionConfig()
+                    )
+                return stt_pb2.StreamingRecognizeRequest(
+                    streaming_config=self._config(request.streaming_config)
+                )
+            if self.audio is None:  # audio before the config: the core says so
                 return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
-            return stt_pb2.StreamingRecognizeRequest(streaming_config=self._config(request.streaming_config))
-        if request.HasField("streaming_config"):
-            return stt_pb2.StreamingRecognizeRequest(streaming_config=stt_pb2.StreamingRecognitionConfig())
-        audio = request.audio_content  # a copy at each access (upb): take one
-        if self.timeout is not None:
-            self.timeout.audio(len(audio))
-        return stt_pb2.StreamingRecognizeRequest(audio_content=audio)
+            self.audio.add(request.audio_content)
 
     def _config(self, streaming: Any) -> stt_pb2.StreamingRecognitionConfig:
         config = translate_config(streaming.config, "streaming_config.config", self._call)
+        self.audio = AudioIn(compressed_encoding(streaming.config))
         if streaming.HasField("voice_activity_timeout"):
             self.timeout = self._voice_activity_timeout(streaming, config)
         self.settings = GoogleSettings(streaming.config, streaming)
@@ -301,15 +346,18 @@ class GoogleSpeechService:
     async def Recognize(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         settings: list[GoogleSettings] = []
 
-        def translate(request: Any, call: CallTelemetry) -> stt_pb2.RecognizeRequest:
+        async def translate(request: Any, call: CallTelemetry) -> stt_pb2.RecognizeRequest:
             if not request.HasField("config"):
                 raise invalid_argument("STT_CONFIG_MISSING", "config is required", "config")
             if request.audio.WhichOneof("audio_source") == "uri":
                 raise refuse("audio.uri", "the engine does not fetch audio; send it in audio.content")
             settings.append(GoogleSettings(request.config))
-            return stt_pb2.RecognizeRequest(
-                config=translate_config(request.config, "config", call), audio_content=request.audio.content
-            )
+            config = translate_config(request.config, "config", call)
+            audio = request.audio.content
+            compressed = compressed_encoding(request.config)
+            if compressed:  # minutes of audio: off the event loop
+                audio = await asyncio.to_thread(decode_all, compressed, audio)
+            return stt_pb2.RecognizeRequest(config=config, audio_content=audio)
 
         response = await self.core.serve_recognize(GOOGLE_RECOGNIZE_METHOD, requests, context, translate)
         out = RecognizeResponse(results=[settings[0].recognition_result(r) for r in response.results])

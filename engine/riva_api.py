@@ -11,6 +11,7 @@ result says how much audio was processed (``audio_processed``, seconds).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ from riva.client.proto import riva_asr_pb2 as riva
 from riva.client.proto import riva_audio_pb2 as riva_audio
 
 from .api import stt_pb2
-from .compat import OutputText, phrase_prompt, refuse
+from .compat import AudioIn, OutputText, decode_all, phrase_prompt, refuse
 from .errors import invalid_argument
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ ENCODINGS = {
     riva_audio.MULAW: stt_pb2.MULAW,
     riva_audio.ALAW: stt_pb2.ALAW,
 }
+COMPRESSED = {riva_audio.FLAC: "FLAC", riva_audio.OGGOPUS: "OGG_OPUS"}  # decoded as they stream in
 # Riva's endpointing parameters with no counterpart in the engine's VAD: refused when set.
 UNMAPPED_ENDPOINTING = {
     "start_history": "the engine starts an utterance at the first speech frame",
@@ -54,12 +56,14 @@ def translate_config(config: Any, field: str) -> stt_pb2.RecognitionConfig:
     """A Riva RecognitionConfig as the engine's, or SttError naming what it cannot honour."""
     f = field + "."
     encoding = ENCODINGS.get(config.encoding)
-    if encoding is None:
+    compressed = COMPRESSED.get(config.encoding)
+    if encoding is None and compressed is None:
         known = config.encoding in riva_audio.AudioEncoding.values()
         name = riva_audio.AudioEncoding.Name(config.encoding) if known else config.encoding
         raise invalid_argument(
             "STT_ENCODING_UNSUPPORTED",
-            f"{f}encoding={name} is not supported by this server; use LINEAR_PCM, MULAW or ALAW",
+            f"{f}encoding={name} is not supported by this server; use LINEAR_PCM, MULAW, ALAW, "
+            "FLAC or OGGOPUS",
             f + "encoding",
         )
     if config.enable_separate_recognition_per_channel and config.audio_channel_count > 1:
@@ -79,10 +83,13 @@ def translate_config(config: Any, field: str) -> stt_pb2.RecognitionConfig:
             raise refuse(f"{f}endpointing_config.{name}", why)
     endpointing.silence_duration_ms = max(0, riva_endpointing.stop_history)
     endpointing.speech_threshold = max(0.0, riva_endpointing.start_threshold)
+    rate, channels = config.sample_rate_hertz, config.audio_channel_count
+    if compressed:  # decoded to 16 kHz mono LINEAR16 before the core (compat.AudioIn)
+        encoding, rate, channels = stt_pb2.LINEAR16, 16000, 1
     return stt_pb2.RecognitionConfig(
         encoding=encoding,
-        sample_rate_hertz=config.sample_rate_hertz,
-        audio_channel_count=config.audio_channel_count,
+        sample_rate_hertz=rate,
+        audio_channel_count=channels,
         language_code=config.language_code,
         prompt=phrase_prompt(config.speech_contexts, f + "speech_contexts"),
         model=config.model,
@@ -142,31 +149,50 @@ class RivaStream:
         self._requests = requests
         self.output: RivaOutput | None = None
         self.request_id: Any = None
+        self.audio: AudioIn | None = None  # once configured
+        self._input_done = False
 
     def __aiter__(self) -> RivaStream:
         return self
 
     async def __anext__(self) -> Any:
-        request = await anext(self._requests)
-        if not isinstance(request, riva.StreamingRecognizeRequest):
-            return request  # a MalformedRequest: the core refuses it
-        if request.runtime_config:
-            key = sorted(request.runtime_config)[0]
-            raise refuse(f"runtime_config[{key!r}]"[:200], "no runtime configuration is supported")
-        if not request.HasField("streaming_config"):
-            return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
-        if self.output is not None:  # a second config: the core says so
-            return stt_pb2.StreamingRecognizeRequest(streaming_config=stt_pb2.StreamingRecognitionConfig())
+        while True:
+            piece = self.audio.take() if self.audio is not None else None
+            if piece is not None:
+                return stt_pb2.StreamingRecognizeRequest(audio_content=piece)
+            if self._input_done:
+                raise StopAsyncIteration
+            try:
+                request = await anext(self._requests)
+            except StopAsyncIteration:
+                self._input_done = True
+                if self.audio is None:
+                    raise
+                self.audio.end()
+                continue
+            if not isinstance(request, riva.StreamingRecognizeRequest):
+                return request  # a MalformedRequest: the core refuses it
+            if request.runtime_config:
+                key = sorted(request.runtime_config)[0]
+                raise refuse(f"runtime_config[{key!r}]"[:200], "no runtime configuration is supported")
+            if request.HasField("streaming_config"):
+                if self.output is not None:  # a second config: the core says so
+                    return stt_pb2.StreamingRecognizeRequest(
+                        streaming_config=stt_pb2.StreamingRecognitionConfig()
+                    )
+                return stt_pb2.StreamingRecognizeRequest(streaming_config=self._config(request))
+            if self.audio is None:  # audio before the config: the core says so
+                return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
+            self.audio.add(request.audio_content)
+
+    def _config(self, request: Any) -> stt_pb2.StreamingRecognitionConfig:
         streaming = request.streaming_config
         config = translate_config(streaming.config, "streaming_config.config")
         self.output = RivaOutput(streaming.config)
+        self.audio = AudioIn(COMPRESSED.get(streaming.config.encoding))
         if request.HasField("id"):
             self.request_id = request.id
-        return stt_pb2.StreamingRecognizeRequest(
-            streaming_config=stt_pb2.StreamingRecognitionConfig(
-                config=config, interim_results=streaming.interim_results
-            )
-        )
+        return stt_pb2.StreamingRecognitionConfig(config=config, interim_results=streaming.interim_results)
 
     def response(self, response: stt_pb2.StreamingRecognizeResponse) -> Any | None:
         """The Riva response for the core's ``response``; None for speech events (Riva has none)."""
@@ -197,13 +223,16 @@ class RivaSpeechService:
     async def Recognize(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         received: list[Any] = []
 
-        def translate(request: Any, call: CallTelemetry) -> stt_pb2.RecognizeRequest:
+        async def translate(request: Any, call: CallTelemetry) -> stt_pb2.RecognizeRequest:
             if not request.HasField("config"):
                 raise invalid_argument("STT_CONFIG_MISSING", "config is required", "config")
             received.append(request)
-            return stt_pb2.RecognizeRequest(
-                config=translate_config(request.config, "config"), audio_content=request.audio
-            )
+            config = translate_config(request.config, "config")
+            audio = request.audio
+            compressed = COMPRESSED.get(request.config.encoding)
+            if compressed:  # minutes of audio: off the event loop
+                audio = await asyncio.to_thread(decode_all, compressed, audio)
+            return stt_pb2.RecognizeRequest(config=config, audio_content=audio)
 
         response = await self.core.serve_recognize(RIVA_RECOGNIZE_METHOD, requests, context, translate)
         request = received[0]

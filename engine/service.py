@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -278,7 +278,7 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         method: str,
         requests: AsyncIterator[Any],
         context: grpc.aio.ServicerContext,
-        translate: Callable[[Any, CallTelemetry], stt_pb2.RecognizeRequest] | None = None,
+        translate: Callable[[Any, CallTelemetry], Awaitable[stt_pb2.RecognizeRequest]] | None = None,
     ) -> stt_pb2.RecognizeResponse:
         """One Recognize call of ``method``; ``translate`` turns another API's request into
         this API's (raising SttError for what it cannot honour)."""
@@ -296,7 +296,7 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         requests: AsyncIterator[stt_pb2.RecognizeRequest | MalformedRequest],
         context: grpc.aio.ServicerContext,
         call: CallTelemetry,
-        translate: Callable[[Any, CallTelemetry], stt_pb2.RecognizeRequest] | None = None,
+        translate: Callable[[Any, CallTelemetry], Awaitable[stt_pb2.RecognizeRequest]] | None = None,
     ) -> stt_pb2.RecognizeResponse:
         """The response, or SttError. No initial metadata before admission: a client's gRPC
         retry policy retries a refusal only while the call has received no headers."""
@@ -306,7 +306,7 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
         self.recognizing += 1
         try:
             async with _single_request(requests) as received:
-                request = translate(received, call) if translate else received
+                request = await translate(received, call) if translate else received
                 audio = request.audio_content  # a copy of the bytes at each access (upb): take one
                 if len(audio) > self.options.max_recognize_bytes:
                     raise out_of_range(

@@ -67,3 +67,81 @@ def test_the_quietest_point_between_two_sentences_is_the_pause():
     for before, after in zip(segments, segments[1:]):
         point = quietest_point(audio, before.end - 0.5, after.start + 0.5)
         assert before.end - 0.05 <= point <= after.start + 0.05, (before.transcript, point)
+
+
+# --- compressed audio streamed in chunks (engine/compressed.py) ---------------------------------
+
+
+def _encoded(audio: np.ndarray, *args: str) -> bytes:
+    from tests.helpers import ffmpeg
+
+    source = ("-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-")
+    return ffmpeg(*source, *args, "-", data=float_to_linear16(audio))
+
+
+def _decode_in_chunks(encoding: str, data: bytes, sizes: list[int]) -> bytes:
+    from engine.compressed import streaming_decoder
+
+    decoder, out, offset, index = streaming_decoder(encoding), b"", 0, 0
+    while offset < len(data):
+        size = sizes[index % len(sizes)]
+        out += decoder.decode(data[offset : offset + size])
+        offset, index = offset + size, index + 1
+    return out + decoder.flush()
+
+
+@pytest.mark.parametrize("sizes", [[10**9], [4096], [1000, 7, 333], [1]])
+def test_flac_decodes_bit_exact_however_it_is_chunked(jfk, sizes):
+    pcm = float_to_linear16(jfk)
+    flac = _encoded(jfk, "-compression_level", "8", "-f", "flac")
+    assert _decode_in_chunks("FLAC", flac, sizes) == pcm
+
+
+@pytest.mark.parametrize(
+    "encoding, options",
+    [
+        ("OGG_OPUS", ("-c:a", "libopus", "-b:a", "24k", "-f", "ogg")),
+        ("OGG_OPUS", ("-ac", "2", "-ar", "48000", "-c:a", "libopus", "-f", "ogg")),  # stereo, 48 kHz
+        ("MP3", ("-c:a", "libmp3lame", "-b:a", "48k", "-f", "mp3")),
+        (
+            "MP3",
+            ("-ar", "44100", "-c:a", "libmp3lame", "-id3v2_version", "3", "-f", "mp3"),
+        ),  # with an ID3 tag
+    ],
+)
+def test_lossy_streams_decode_to_the_whole_recording(jfk, encoding, options):
+    decoded = _decode_in_chunks(encoding, _encoded(jfk, *options), [700, 13, 4096])
+    samples = np.frombuffer(decoded, dtype="<i2").astype(np.float32) / 32768
+    # Opus drops its pre-skip; MP3 keeps its encoder delay (a few ms of leading silence).
+    assert len(samples) / 16000 == pytest.approx(len(jfk) / 16000, abs=0.15)
+    # The same speech: loud where JFK is loud, in 100 ms windows, once the codec's delay
+    # (MP3 keeps its encoder's 1105 samples) is taken off.
+    probe = jfk[16000:48000]
+    delay = max(range(0, 2000), key=lambda lag: float(np.dot(samples[16000 + lag : 48000 + lag], probe)))
+    samples = samples[delay:]
+    window = 1600
+    frames = min(len(samples), len(jfk)) // window
+    ours = np.sqrt(np.mean(samples[: frames * window].reshape(frames, window) ** 2, axis=1))
+    theirs = np.sqrt(np.mean(jfk[: frames * window].reshape(frames, window) ** 2, axis=1))
+    assert np.corrcoef(ours, theirs)[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("encoding", ["FLAC", "OGG_OPUS", "MP3", "AMR"])
+def test_any_bytes_decode_or_raise_a_described_error(encoding):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from engine.compressed import CompressedAudioError, streaming_decoder
+
+    @settings(max_examples=40, deadline=None)
+    @given(chunks=st.lists(st.binary(max_size=3000), max_size=6))
+    def check(chunks):
+        decoder = streaming_decoder(encoding)
+        try:
+            for chunk in chunks:
+                decoder.decode(chunk)
+            decoder.flush()
+        except CompressedAudioError as error:
+            assert str(error)
+
+    check()

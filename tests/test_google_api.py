@@ -179,7 +179,8 @@ def test_speech_contexts_and_profanity_filter_are_honoured(client, jfk):
 @pytest.mark.parametrize(
     "fields, field",
     [
-        (dict(encoding=Encoding.FLAC), "config.encoding"),
+        (dict(encoding=Encoding.WEBM_OPUS), "config.encoding"),
+        (dict(encoding=Encoding.SPEEX_WITH_HEADER_BYTE), "config.encoding"),
         (dict(encoding=Encoding.ENCODING_UNSPECIFIED), "config.encoding"),
         (dict(encoding=77), "config.encoding"),
         (
@@ -211,6 +212,9 @@ def test_refusals_come_back_as_the_client_raises_them_and_the_server_keeps_servi
         client.long_running_recognize(config=config(), audio=speech.RecognitionAudio(content=bytes(3200)))
     with pytest.raises(exceptions.InvalidArgument, match="audio.uri"):
         client.recognize(config=config(), audio=speech.RecognitionAudio(uri="gs://bucket/file.wav"))
+    with pytest.raises(exceptions.InvalidArgument, match="audio_content: expected an Ogg page"):
+        ogg = config(encoding=Encoding.OGG_OPUS, sample_rate_hertz=16000)
+        client.recognize(config=ogg, audio=speech.RecognitionAudio(content=b"OggS" + bytes(4000)))
     # A timeout needs voice activity events, as Google's API says.
     timeout = speech.StreamingRecognitionConfig.VoiceActivityTimeout(speech_start_timeout={"seconds": 5})
     streaming = speech.StreamingRecognitionConfig(config=config(), voice_activity_timeout=timeout)
@@ -307,3 +311,88 @@ def test_voice_activity_timeouts_close_the_stream_after_its_finals(client, jfk):
     ]
     assert 1.5 <= seconds(responses[-1].speech_event_time) - ended[-1] <= 1.8
     assert seconds(responses[-1].speech_event_time) < len(jfk) / 16000 + 3  # before the audio ran out
+
+
+def encoded(audio: np.ndarray, *args: str) -> bytes:
+    """``audio`` encoded by ffmpeg: ``args`` are its output options."""
+    return ffmpeg(
+        "-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-", *args, "-", data=float_to_linear16(audio)
+    )
+
+
+def test_compressed_recognize_flac_exactly_as_linear16_and_lossy_codecs_close(api_server, client, jfk):
+    server, _ = api_server
+    segment, reference = long_segment("1998-15444-0000")
+    for audio, text in ((jfk, JFK_TEXT), (segment, reference)):
+        with SttClient(server.target) as stt:
+            expected = stt.recognize(audio, StreamConfig(language_code="en-US"))
+        flac = client.recognize(
+            config=config(encoding=Encoding.FLAC),
+            audio=speech.RecognitionAudio(content=encoded(audio, "-f", "flac")),
+        )
+        assert [r.alternatives[0].transcript for r in flac.results] == [
+            r.alternatives[0].transcript for r in expected.results
+        ]
+        for encoding, options in (
+            (Encoding.OGG_OPUS, ("-c:a", "libopus", "-b:a", "24k", "-f", "ogg")),
+            (Encoding.MP3, ("-c:a", "libmp3lame", "-b:a", "48k", "-f", "mp3")),
+        ):
+            response = client.recognize(
+                config=config(encoding=encoding),
+                audio=speech.RecognitionAudio(content=encoded(audio, *options)),
+            )
+            transcript = " ".join(r.alternatives[0].transcript for r in response.results)
+            assert wer([text], [transcript]) < 0.15, (encoding, transcript)
+            assert seconds(response.total_billed_time) == pytest.approx(len(audio) / 16000, abs=0.2)
+
+
+def test_ogg_opus_and_flac_stream_in_chunks_at_real_time(client, jfk):
+    """Compressed audio as a browser or phone app streams it: small chunks cut anywhere in its
+    pages and frames, at the rate it is recorded."""
+    for encoding, options in (
+        (Encoding.OGG_OPUS, ("-c:a", "libopus", "-b:a", "24k", "-page_duration", "100000", "-f", "ogg")),
+        (Encoding.FLAC, ("-f", "flac")),
+    ):
+        data = encoded(jfk, *options)
+        streaming = speech.StreamingRecognitionConfig(
+            config=config(encoding=encoding, enable_word_time_offsets=True), interim_results=True
+        )
+        bytes_per_second = round(len(data) / (len(jfk) / 16000))
+        responses = list(client.streaming_recognize(config=streaming, requests=paced(data, bytes_per_second)))
+        results = [r.results[0] for r in responses if r.results]
+        finals = [r for r in results if r.is_final]
+        assert not results[0].is_final and len(finals) >= 2  # interims first, then finals as he pauses
+        assert wer([JFK_TEXT], [" ".join(r.alternatives[0].transcript for r in finals)]) < 0.1
+        words = [w for r in finals for w in r.alternatives[0].words]
+        assert seconds(words[-1].end_time) == pytest.approx(10.5, abs=0.6)  # "country" ends near 10.5 s
+
+
+def test_amr_recorded_by_a_phone_decodes(client, jfk):
+    response = client.recognize(
+        config=config(encoding=Encoding.AMR, sample_rate_hertz=8000),
+        audio=speech.RecognitionAudio(content=amr_narrowband(jfk)),
+    )
+    assert wer([JFK_TEXT], [" ".join(r.alternatives[0].transcript for r in response.results)]) < 0.15
+
+
+def amr_narrowband(audio: np.ndarray) -> bytes:
+    """AMR-NB at 12.2 kbit/s in its storage format, from PyAV's encoder (ffmpeg here has none)."""
+    import io
+
+    import av
+
+    pcm8 = np.frombuffer(encoded(audio, "-ar", "8000", "-f", "s16le"), dtype="<i2")
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="amr") as container:
+        stream = container.add_stream("libopencore_amrnb", rate=8000)
+        stream.bit_rate, stream.layout = 12200, "mono"
+        for start in range(0, len(pcm8) - 160, 160):
+            frame = av.AudioFrame.from_ndarray(
+                pcm8[None, start : start + 160].copy(), format="s16", layout="mono"
+            )
+            frame.sample_rate, frame.pts = 8000, start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()

@@ -21,6 +21,9 @@ from engine.compat import strip_punctuation
 from tests.helpers import ffmpeg, long_segment, normalize, wer
 
 STREAMING = "nvidia.riva.asr.RivaSpeechRecognition/StreamingRecognize"
+JFK_TEXT = (
+    "and so my fellow americans ask not what your country can do for you ask what you can do for your country"
+)
 
 
 @pytest.fixture
@@ -163,8 +166,7 @@ def field_violation(error: grpc.RpcError) -> str:
 @pytest.mark.parametrize(
     "fields, field",
     [
-        (dict(encoding=riva.client.AudioEncoding.FLAC), "config.encoding"),
-        (dict(encoding=riva.client.AudioEncoding.OGGOPUS), "config.encoding"),
+        (dict(encoding=riva.client.AudioEncoding.ENCODING_UNSPECIFIED), "config.encoding"),
         (dict(encoding=55), "config.encoding"),
         (
             dict(diarization_config=riva_asr_pb2.SpeakerDiarizationConfig(enable_speaker_diarization=True)),
@@ -202,7 +204,7 @@ def test_stream_refusals_and_the_server_keeps_serving(api_server, asr):
     streaming = riva.client.StreamingRecognitionConfig(config=config(encoding=riva.client.AudioEncoding.FLAC))
     with pytest.raises(grpc.RpcError) as raised:
         list(asr.streaming_response_generator(audio_chunks=[bytes(3200)], streaming_config=streaming))
-    assert field_violation(raised.value) == "streaming_config.config.encoding"
+    assert field_violation(raised.value) == "audio_content" and "fLaC" in raised.value.details()
     with SttClient(server.target) as stt:
         assert stt.health("nvidia.riva.asr.RivaSpeechRecognition") == "SERVING"
 
@@ -216,8 +218,7 @@ def test_word_boosting_goes_to_the_prompt_and_is_traced(api_server, asr, jfk):
     chunks = [pcm[i : i + 3200] for i in range(0, len(pcm), 3200)]
     responses = list(asr.streaming_response_generator(audio_chunks=chunks, streaming_config=streaming))
     transcript = " ".join(r.results[0].alternatives[0].transcript for r in responses)
-    assert wer(["and so my fellow americans ask not what your country can do for you ask what you can do "
-                "for your country"], [transcript]) < 0.1  # fmt: skip
+    assert wer([JFK_TEXT], [transcript]) < 0.1
 
     def traced() -> bool:
         streams = [s for s in receiver.spans() if s.name == STREAMING]
@@ -227,3 +228,20 @@ def test_word_boosting_goes_to_the_prompt_and_is_traced(api_server, asr, jfk):
         return names.count("stt.chunk") == len(chunks) and "stt.decode.final" in names
 
     receiver.wait_for(traced)
+
+
+def test_flac_streams_and_ogg_opus_recognizes(asr, jfk):
+    pcm = float_to_linear16(jfk)
+    flac = ffmpeg("-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-", "-f", "flac", "-", data=pcm)
+    streaming = riva.client.StreamingRecognitionConfig(
+        config=config(encoding=riva.client.AudioEncoding.FLAC), interim_results=True
+    )
+    chunks = paced_chunks(flac, round(len(flac) / (len(jfk) / 16000)))
+    responses = list(asr.streaming_response_generator(audio_chunks=chunks, streaming_config=streaming))
+    finals = [r.results[0].alternatives[0].transcript for r in responses if r.results[0].is_final]
+    assert wer([JFK_TEXT], [" ".join(finals)]) < 0.1
+    assert responses[-1].results[0].audio_processed == pytest.approx(11.0, abs=0.1)
+    source = ("-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-")
+    opus = ffmpeg(*source, "-c:a", "libopus", "-b:a", "24k", "-f", "ogg", "-", data=pcm)
+    response = asr.offline_recognize(opus, config(encoding=riva.client.AudioEncoding.OGGOPUS))
+    assert wer([JFK_TEXT], [" ".join(r.alternatives[0].transcript for r in response.results)]) < 0.1
