@@ -1,10 +1,11 @@
-"""Compressed audio streamed in chunks (FLAC, Ogg Opus, MP3, AMR), decoded as it arrives.
+"""Compressed audio streamed in chunks (FLAC, Ogg or WebM Opus, MP3, AMR), decoded as it arrives.
 
 The Google and Riva layers accept these encodings; each turns a stream's compressed chunks
 into 16 kHz mono LINEAR16 for the recognition core, so the core's limits and clocks count
 decoded audio. A chunk may end anywhere, in a header, an Ogg page or a frame: what cannot be
 decoded yet is kept for the next chunk. Each decoder splits the byte stream into the codec's
-packets itself (Ogg pages, FLAC and MP3 through FFmpeg's parsers, AMR frame sizes), so decoding
+packets itself (Ogg pages, WebM blocks, FLAC frames by their CRC, MP3 through FFmpeg's parser,
+AMR frame sizes), so decoding
 is synchronous, costs no thread, and yields audio as soon as a packet is whole.
 
 Bad bytes raise ``CompressedAudioError``, which says what was wrong.
@@ -39,7 +40,9 @@ class _Decoder:
         self._pending += data
         try:
             pcm = b"".join(self._pcm(frame) for frame in self._frames())
-        except (av.error.FFmpegError, struct.error) as exc:
+        except CompressedAudioError:
+            raise
+        except (av.error.FFmpegError, struct.error, IndexError, ValueError) as exc:
             raise CompressedAudioError(f"the audio is not valid {self.name}: {exc}") from None
         if len(self._pending) > MAX_PENDING_BYTES:
             raise CompressedAudioError(
@@ -267,6 +270,109 @@ class OggOpusDecoder(_Decoder):
         self._pending = data[offset:]
 
 
+class WebmOpusDecoder(OggOpusDecoder):
+    """Opus in WebM (Matroska), as browsers' MediaRecorder writes it: the Opus track's
+    CodecPrivate is its OpusHead, and every SimpleBlock or Block of that track holds one packet.
+    Master elements (Segment, Cluster, Tracks...) are read through, so clusters of unknown size,
+    as a live recorder writes them, are no different."""
+
+    name = "WebM Opus"
+    # Matroska element IDs, as written (with their length marker).
+    MASTERS = {
+        0x18538067,
+        0x1F43B675,
+        0x1654AE6B,
+        0xAE,
+        0xA0,
+    }  # Segment, Cluster, Tracks, TrackEntry, BlockGroup
+    EBML, TRACK_NUMBER, CODEC_ID, CODEC_PRIVATE = 0x1A45DFA3, 0xD7, 0x86, 0x63A2
+    BLOCKS = {0xA3, 0xA1}  # SimpleBlock, Block
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._started = False
+        self._track: dict = {}  # the TrackEntry being read: number, codec, head
+        self._opus_track: int | None = None
+
+    def _frames(self):
+        data, offset = self._pending, 0
+        while True:
+            header = self._element_header(data, offset)
+            if header is None:
+                break
+            element, size, body = header
+            if not self._started:
+                if element != self.EBML:
+                    raise CompressedAudioError("WebM audio must start with an EBML header")
+                self._started = True
+            if element in self.MASTERS:
+                if element == 0xAE:
+                    self._track = {}
+                offset = body  # read through: its children follow
+                continue
+            if size is None:
+                raise CompressedAudioError(f"WebM element {element:#x} has an unknown size")
+            if len(data) < body + size:
+                break
+            yield from self._element(element, data[body : body + size])
+            offset = body + size
+        self._pending = data[offset:]
+
+    def _element(self, element: int, value: bytes):
+        if element == self.TRACK_NUMBER:
+            self._track["number"] = int.from_bytes(value, "big")
+        elif element == self.CODEC_ID:
+            self._track["codec"] = value.rstrip(b"\0")
+        elif element == self.CODEC_PRIVATE:
+            self._track["head"] = value
+        if self._opus_track is None and self._track.get("codec") == b"A_OPUS" and "head" in self._track:
+            if "number" in self._track:
+                self._opus_track = self._track["number"]
+                self._open(self._track["head"])
+        if element in self.BLOCKS and self._opus_track is not None:
+            track, length = _read_vint(value, 0)
+            if track == self._opus_track and length is not None:
+                if len(value) < length + 3:
+                    raise CompressedAudioError("a WebM block is shorter than its header")
+                if value[length + 2] & 0x06:
+                    raise CompressedAudioError("laced WebM blocks are not supported")
+                yield from self._decode(value[length + 3 :])
+
+    @staticmethod
+    def _element_header(data: bytes, offset: int):
+        """(ID, size or None when unknown, offset of the body), or None until it is all here."""
+        if offset >= len(data):
+            return None
+        first = data[offset]
+        id_length = 1 + (8 - first.bit_length()) if first else 0
+        if not 1 <= id_length <= 4:
+            raise CompressedAudioError("not a WebM element")
+        if len(data) < offset + id_length + 1:
+            return None
+        element = int.from_bytes(data[offset : offset + id_length], "big")
+        size, size_length = _read_vint(data, offset + id_length)
+        if size_length is None:
+            return None
+        return element, size, offset + id_length + size_length
+
+
+def _read_vint(data: bytes, offset: int) -> tuple[int | None, int | None]:
+    """An EBML variable-length integer: (value, or None for "unknown"; its length), with a
+    length of None until all its bytes are here."""
+    if offset >= len(data):
+        return None, None
+    first = data[offset]
+    if not first:
+        raise CompressedAudioError("not a WebM size")
+    length = 9 - first.bit_length()
+    if len(data) < offset + length:
+        return None, None
+    value = first & (0xFF >> length)
+    for byte in data[offset + 1 : offset + length]:
+        value = (value << 8) | byte
+    return (None if value == (1 << (7 * length)) - 1 else value), length
+
+
 def _frame_like(frame: av.AudioFrame, array: np.ndarray) -> av.AudioFrame:
     out = av.AudioFrame.from_ndarray(
         np.ascontiguousarray(array), format=frame.format.name, layout=frame.layout.name
@@ -310,7 +416,7 @@ class AmrDecoder(_Decoder):
         self._pending = data[offset:]
 
 
-STREAMED_ENCODINGS = ("FLAC", "OGG_OPUS", "MP3", "AMR")
+STREAMED_ENCODINGS = ("FLAC", "OGG_OPUS", "WEBM_OPUS", "MP3", "AMR")
 
 
 def streaming_decoder(encoding: str) -> _Decoder:
@@ -319,6 +425,8 @@ def streaming_decoder(encoding: str) -> _Decoder:
         return FlacDecoder()
     if encoding == "OGG_OPUS":
         return OggOpusDecoder()
+    if encoding == "WEBM_OPUS":
+        return WebmOpusDecoder()
     if encoding == "MP3":
         return Mp3Decoder()
     if encoding == "AMR":

@@ -102,6 +102,11 @@ def test_flac_decodes_bit_exact_however_it_is_chunked(jfk, sizes):
     [
         ("OGG_OPUS", ("-c:a", "libopus", "-b:a", "24k", "-f", "ogg")),
         ("OGG_OPUS", ("-ac", "2", "-ar", "48000", "-c:a", "libopus", "-f", "ogg")),  # stereo, 48 kHz
+        ("WEBM_OPUS", ("-c:a", "libopus", "-b:a", "24k", "-f", "webm")),
+        (
+            "WEBM_OPUS",
+            ("-c:a", "libopus", "-live", "1", "-cluster_size_limit", "2000", "-f", "webm"),
+        ),  # unknown sizes
         ("MP3", ("-c:a", "libmp3lame", "-b:a", "48k", "-f", "mp3")),
         (
             "MP3",
@@ -126,7 +131,7 @@ def test_lossy_streams_decode_to_the_whole_recording(jfk, encoding, options):
     assert np.corrcoef(ours, theirs)[0, 1] > 0.9
 
 
-@pytest.mark.parametrize("encoding", ["FLAC", "OGG_OPUS", "MP3", "AMR"])
+@pytest.mark.parametrize("encoding", ["FLAC", "OGG_OPUS", "WEBM_OPUS", "MP3", "AMR"])
 def test_any_bytes_decode_or_raise_a_described_error(encoding):
     from hypothesis import given, settings
     from hypothesis import strategies as st
