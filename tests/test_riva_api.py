@@ -77,22 +77,23 @@ def test_offline_recognize_equals_stt_v1_with_word_offsets_in_ms(api_server, asr
     assert wer([reference], [" ".join(r.alternatives[0].transcript for r in response.results)]) < 0.2
 
 
-def test_streaming_response_generator_at_real_time(api_server, asr, jfk):
-    """Interims before each final, no events, and finals whose words equal those of an stt.v1
-    stream running beside it."""
+def test_streaming_response_generator_at_real_time_on_a_real_reading(api_server, asr):
+    """A LibriSpeech reading from ../shared/audio-long at real time: interims before each final,
+    no events, and finals whose words equal those of an stt.v1 stream running beside it."""
     server, _ = api_server
+    audio, reference = long_segment("1998-15444-0001")
     beside: list[str] = []
 
     def stt_stream() -> None:
         with SttClient(server.target) as stt:
-            beside.extend(final_transcripts(stt.stream_audio(jfk, StreamConfig(language_code="en-US"))))
+            beside.extend(final_transcripts(stt.stream_audio(audio, StreamConfig(language_code="en-US"))))
 
     thread = threading.Thread(target=stt_stream)
     thread.start()
     streaming = riva.client.StreamingRecognitionConfig(
         config=config(enable_word_time_offsets=True), interim_results=True
     )
-    chunks = paced_chunks(float_to_linear16(jfk), 32000)
+    chunks = paced_chunks(float_to_linear16(audio), 32000)
     responses = list(asr.streaming_response_generator(audio_chunks=chunks, streaming_config=streaming))
     thread.join(60)
     results = [r.results[0] for r in responses]  # every response carries a result
@@ -100,11 +101,12 @@ def test_streaming_response_generator_at_real_time(api_server, asr, jfk):
     assert finals and not results[0].is_final
     assert all(r.channel_tag == 1 for r in results)
     processed = [r.audio_processed for r in results]
-    assert processed == sorted(processed) and processed[-1] <= len(jfk) / 16000 + 0.01
+    assert processed == sorted(processed) and processed[-1] <= len(audio) / 16000 + 0.01
     words = [w for r in finals for w in r.alternatives[0].words]
     assert all(a.start_time <= b.start_time for a, b in zip(words, words[1:]))
     transcript = " ".join(r.alternatives[0].transcript for r in finals)
     assert normalize(transcript) == normalize(" ".join(beside))
+    assert wer([reference], [transcript]) < 0.2
 
 
 def test_telephone_audio_without_punctuation_equals_stt_v1(api_server, asr, jfk):
