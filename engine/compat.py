@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .compressed import CompressedAudioError, streaming_decoder
-from .errors import SttError, invalid_argument
+from .errors import SttError, invalid_argument, out_of_range
 from .settings import MAX_PROMPT_CHARS
 
 # Punctuation Whisper writes, removed when automatic punctuation is off (both APIs' default):
@@ -82,38 +82,66 @@ def phrase_prompt(contexts: Iterable[Any], field: str) -> str:
 # Decoded audio goes to the core in pieces of at most 1 s (16 kHz LINEAR16), so a small
 # compressed message never exceeds the core's per-message limit once decoded.
 PCM_PIECE_BYTES = 32000
+# Compressed bytes decoded at a time, only when the core wants more audio: a message of a
+# megabyte of low-rate Opus holds twenty minutes of speech, which decoded at once took seconds
+# of the event loop and hundreds of megabytes; this way the core's stream-length limit stops
+# the decoding too.
+COMPRESSED_SLICE_BYTES = 4096
+
+
+def check_message_size(data: bytes, limit: int) -> None:
+    """The core's per-message limit, applied to a compressed message as sent."""
+    if len(data) > limit:
+        raise out_of_range(
+            "STT_CHUNK_TOO_LARGE",
+            f"audio_content of {len(data)} bytes exceeds the limit of {limit} bytes per message",
+            "audio_content",
+        )
+
+
+def _malformed(exc: CompressedAudioError) -> SttError:
+    return invalid_argument("STT_AUDIO_MALFORMED", f"audio_content: {exc}", "audio_content")
 
 
 class AudioIn:
     """A stream's audio as the core takes it: as sent, or decoded from a compressed encoding
-    (``compressed.STREAMED_ENCODINGS``) into 16 kHz mono LINEAR16 pieces."""
+    (``compressed.STREAMED_ENCODINGS``) into 16 kHz mono LINEAR16 pieces, a slice at a time
+    as the core asks for them."""
 
     def __init__(self, compressed: str | None) -> None:
         self.decoder = streaming_decoder(compressed) if compressed else None
         self.encoding = compressed
         self._pieces: deque[bytes] = deque()
+        self._compressed = bytearray()  # received, not decoded yet
+        self._ended = False
+        self._flushed = False
 
     def add(self, data: bytes) -> None:
         if self.decoder is None:
             self._pieces.append(data)
-            return
-        try:
-            pcm = self.decoder.decode(data)
-        except CompressedAudioError as exc:
-            raise invalid_argument("STT_AUDIO_MALFORMED", f"audio_content: {exc}", "audio_content") from None
-        self._split(pcm)
+        else:
+            self._compressed += data
 
     def end(self) -> None:
-        """The client sent its last message: what the decoder holds comes out."""
-        if self.decoder is not None:
-            try:
-                self._split(self.decoder.flush())
-            except CompressedAudioError as exc:
-                raise invalid_argument(
-                    "STT_AUDIO_MALFORMED", f"audio_content: {exc}", "audio_content"
-                ) from None
+        """The client sent its last message: what the decoder holds comes out last."""
+        self._ended = True
 
     def take(self) -> bytes | None:
+        """The next piece for the core, decoding more when none is left; None: it needs more
+        input (or, after ``end``, there is no more)."""
+        while not self._pieces and self.decoder is not None and (self._compressed or self._ended):
+            try:
+                if self._compressed:
+                    data = bytes(self._compressed[:COMPRESSED_SLICE_BYTES])
+                    del self._compressed[:COMPRESSED_SLICE_BYTES]
+                    self._split(self.decoder.decode(data))
+                elif not self._flushed:
+                    self._flushed = True
+                    self._split(self.decoder.flush())
+                else:
+                    break
+            except CompressedAudioError as exc:
+                raise _malformed(exc) from None
         return self._pieces.popleft() if self._pieces else None
 
     def _split(self, pcm: bytes) -> None:
@@ -121,9 +149,20 @@ class AudioIn:
             self._pieces.append(pcm[start : start + PCM_PIECE_BYTES])
 
 
-def decode_all(compressed: str, data: bytes) -> bytes:
-    """A whole compressed recording (a Recognize call's) as 16 kHz mono LINEAR16."""
+def decode_all(compressed: str, data: bytes, max_seconds: float) -> bytes:
+    """A whole compressed recording (a Recognize call's) as 16 kHz mono LINEAR16; OUT_OF_RANGE
+    as soon as it decodes to more than ``max_seconds``, before it is all decoded."""
     audio = AudioIn(compressed)
     audio.add(data)
     audio.end()
-    return b"".join(iter(audio.take, None))
+    pcm, limit = bytearray(), int(max_seconds * 32000)
+    for piece in iter(audio.take, None):
+        pcm += piece
+        if len(pcm) > limit:
+            raise out_of_range(
+                "STT_AUDIO_TOO_LONG",
+                f"the {compressed} audio decodes to more than the limit of {max_seconds:g} s for "
+                "Recognize; stream it with StreamingRecognize",
+                "audio_content",
+            )
+    return bytes(pcm)

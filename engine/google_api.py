@@ -24,7 +24,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 
 from .api import stt_pb2
 from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
-from .compat import AudioIn, OutputText, decode_all, phrase_prompt, refuse
+from .compat import AudioIn, OutputText, check_message_size, decode_all, phrase_prompt, refuse
 from .errors import SttError, invalid_argument
 
 if TYPE_CHECKING:
@@ -217,8 +217,9 @@ def _timeout_seconds(duration: Any, field: str) -> float:
 class GoogleStream:
     """One Google stream: its requests as stt.v1 requests, the core's responses as Google's."""
 
-    def __init__(self, requests: AsyncIterator[Any]) -> None:
+    def __init__(self, requests: AsyncIterator[Any], max_message_bytes: int) -> None:
         self._requests = requests
+        self._max_message_bytes = max_message_bytes
         self._call: CallTelemetry | None = None
         self.settings: GoogleSettings | None = None
         self.timeout: VoiceActivityTimeout | None = None
@@ -269,7 +270,9 @@ class GoogleStream:
                 )
             if self.audio is None:  # audio before the config: the core says so
                 return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
-            self.audio.add(request.audio_content)
+            audio = request.audio_content  # a copy at each access (upb): take one
+            check_message_size(audio, self._max_message_bytes)
+            self.audio.add(audio)
 
     def _config(self, streaming: Any) -> stt_pb2.StreamingRecognitionConfig:
         config = translate_config(streaming.config, "streaming_config.config", self._call)
@@ -336,7 +339,7 @@ class GoogleSpeechService:
         self.core = core
 
     async def StreamingRecognize(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext):
-        stream = GoogleStream(requests)
+        stream = GoogleStream(requests, self.core.options.max_chunk_bytes)
         async for response in self.core.serve_stream(GOOGLE_STREAMING_METHOD, stream, context, stream.bind):
             translated = stream.response(response)
             if translated is not None:
@@ -357,7 +360,9 @@ class GoogleSpeechService:
             audio = request.audio.content
             compressed = compressed_encoding(request.config)
             if compressed:  # minutes of audio: off the event loop
-                audio = await asyncio.to_thread(decode_all, compressed, audio)
+                audio = await asyncio.to_thread(
+                    decode_all, compressed, audio, self.core.options.max_recognize_seconds
+                )
             return stt_pb2.RecognizeRequest(config=config, audio_content=audio)
 
         response = await self.core.serve_recognize(GOOGLE_RECOGNIZE_METHOD, requests, context, translate)

@@ -20,7 +20,7 @@ from riva.client.proto import riva_asr_pb2 as riva
 from riva.client.proto import riva_audio_pb2 as riva_audio
 
 from .api import stt_pb2
-from .compat import AudioIn, OutputText, decode_all, phrase_prompt, refuse
+from .compat import AudioIn, OutputText, check_message_size, decode_all, phrase_prompt, refuse
 from .errors import invalid_argument
 
 if TYPE_CHECKING:
@@ -145,8 +145,9 @@ class RivaOutput:
 class RivaStream:
     """One Riva stream: its requests as stt.v1 requests, the core's responses as Riva's."""
 
-    def __init__(self, requests: AsyncIterator[Any]) -> None:
+    def __init__(self, requests: AsyncIterator[Any], max_message_bytes: int) -> None:
         self._requests = requests
+        self._max_message_bytes = max_message_bytes
         self.output: RivaOutput | None = None
         self.request_id: Any = None
         self.audio: AudioIn | None = None  # once configured
@@ -183,7 +184,9 @@ class RivaStream:
                 return stt_pb2.StreamingRecognizeRequest(streaming_config=self._config(request))
             if self.audio is None:  # audio before the config: the core says so
                 return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
-            self.audio.add(request.audio_content)
+            audio = request.audio_content  # a copy at each access (upb): take one
+            check_message_size(audio, self._max_message_bytes)
+            self.audio.add(audio)
 
     def _config(self, request: Any) -> stt_pb2.StreamingRecognitionConfig:
         streaming = request.streaming_config
@@ -214,7 +217,7 @@ class RivaSpeechService:
         self.core = core
 
     async def StreamingRecognize(self, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext):
-        stream = RivaStream(requests)
+        stream = RivaStream(requests, self.core.options.max_chunk_bytes)
         async for response in self.core.serve_stream(RIVA_STREAMING_METHOD, stream, context):
             translated = stream.response(response)
             if translated is not None:
@@ -231,7 +234,9 @@ class RivaSpeechService:
             audio = request.audio
             compressed = COMPRESSED.get(request.config.encoding)
             if compressed:  # minutes of audio: off the event loop
-                audio = await asyncio.to_thread(decode_all, compressed, audio)
+                audio = await asyncio.to_thread(
+                    decode_all, compressed, audio, self.core.options.max_recognize_seconds
+                )
             return stt_pb2.RecognizeRequest(config=config, audio_content=audio)
 
         response = await self.core.serve_recognize(RIVA_RECOGNIZE_METHOD, requests, context, translate)

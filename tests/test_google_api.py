@@ -397,3 +397,20 @@ def amr_narrowband(audio: np.ndarray) -> bytes:
         for packet in stream.encode(None):
             container.mux(packet)
     return buffer.getvalue()
+
+
+def test_compressed_audio_is_held_to_the_limits_before_it_is_decoded(client):
+    """Five minutes of Opus fit in a small message: the limits count it decoded, and Recognize
+    stops decoding at the limit instead of holding it all."""
+    silence = ("-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "301", "-c:a", "libopus", "-b:a", "6k")
+    opus = ffmpeg(*silence, "-f", "ogg", "-")
+    assert len(opus) < 400_000  # well under --max-recognize-bytes
+    with pytest.raises(exceptions.OutOfRange, match="decodes to more than the limit of 300 s"):
+        client.recognize(
+            config=config(encoding=Encoding.OGG_OPUS), audio=speech.RecognitionAudio(content=opus)
+        )
+    # A message over --max-chunk-bytes is refused as sent, as stt.v1 refuses it.
+    streaming = speech.StreamingRecognitionConfig(config=config(encoding=Encoding.OGG_OPUS))
+    too_big = iter([speech.StreamingRecognizeRequest(audio_content=bytes(1_100_000))])
+    with pytest.raises(exceptions.OutOfRange, match="exceeds the limit of"):
+        list(client.streaming_recognize(config=streaming, requests=too_big))
