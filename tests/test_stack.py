@@ -593,6 +593,47 @@ def test_prometheus_answers_every_dashboard_and_alert_query_through_the_collecto
     print("span metrics:", sorted(n for n in through_collector if n.startswith("traces_span_metrics")))
 
 
+def test_the_dashboard_shows_calls_of_all_three_apis_by_rpc_method(stack, jfk):
+    """A Google and a Riva call through their official clients reach Prometheus through the
+    collector with their own rpc_method, which the dashboard's calls panels group by."""
+    import riva.client
+    from google.cloud import speech_v1 as speech
+    from google.cloud.speech_v1.services.speech.transports import SpeechGrpcTransport
+
+    from engine.audio import float_to_linear16
+
+    pcm = float_to_linear16(jfk[: 3 * 16000])
+    with grpc.insecure_channel(stack.engine.target) as channel:
+        google = speech.SpeechClient(transport=SpeechGrpcTransport(channel=channel))
+        encoding = speech.RecognitionConfig.AudioEncoding.LINEAR16
+        google.recognize(
+            config=speech.RecognitionConfig(
+                encoding=encoding, sample_rate_hertz=16000, language_code="en-US"
+            ),
+            audio=speech.RecognitionAudio(content=pcm),
+        )
+    asr = riva.client.ASRService(riva.client.Auth(uri=stack.engine.target))
+    riva_config = riva.client.RecognitionConfig(
+        encoding=riva.client.AudioEncoding.LINEAR_PCM, sample_rate_hertz=16000, language_code="en-US"
+    )
+    asr.offline_recognize(pcm, riva_config)
+    called = {"google.cloud.speech.v1.Speech/Recognize", "nvidia.riva.asr.RivaSpeechRecognition/Recognize"}
+    methods = f'rpc_server_call_duration_seconds_count{{rpc_method=~"{"|".join(sorted(called))}"}}'
+    stack.prometheus.wait_for(f"count(count by (rpc_method) ({methods}))", 2, timeout=60)
+    panels = [
+        grafana_to_promql(target["expr"])
+        for _, target in dashboard_prometheus_targets()
+        if "rpc_server_call_duration_seconds" in target["expr"] and "rpc_method" in target["expr"]
+    ]
+    assert panels
+    for expr in panels:  # a rate needs two scrapes of the new series
+
+        def shown(expr: str = expr) -> bool:
+            return called <= {series["metric"].get("rpc_method") for series in stack.prometheus.query(expr)}
+
+        wait_until(shown, 60, 0.5, f"{expr} to show the Google and Riva calls")
+
+
 def test_the_runbook_names_the_collector_self_metrics_as_prometheus_stores_them(stack):
     runbook = (REPO / "docs" / "runbook.md").read_text()
     named = set(re.findall(r"\b(otelcol_[a-z_]+)", runbook))
