@@ -12,7 +12,6 @@ streaming cost in BENCHMARKS.md (about 0.13 at 8 streams).
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from bench.streaming import long_form  # noqa: E402
 from engine.audio import float_to_linear16  # noqa: E402
 from engine.compressed import streaming_decoder  # noqa: E402
-from tests.helpers import ffmpeg  # noqa: E402
+from tests.helpers import amr_narrowband, ffmpeg  # noqa: E402
 
 FORMATS = {
     "FLAC": ("-f", "flac"),
@@ -33,31 +32,6 @@ FORMATS = {
     "WEBM_OPUS": ("-c:a", "libopus", "-b:a", "24k", "-f", "webm"),
     "MP3": ("-c:a", "libmp3lame", "-b:a", "48k", "-f", "mp3"),
 }
-
-
-def amr(audio: np.ndarray) -> bytes:
-    """AMR-NB 12.2 kbit/s from PyAV's encoder (the ffmpeg command here has none)."""
-    import av
-
-    pcm8 = np.frombuffer(
-        ffmpeg("-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-", "-ar", "8000", "-f", "s16le", "-",
-               data=float_to_linear16(audio)),
-        dtype="<i2",
-    )  # fmt: skip
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="amr") as container:
-        stream = container.add_stream("libopencore_amrnb", rate=8000)
-        stream.bit_rate, stream.layout = 12200, "mono"
-        for start in range(0, len(pcm8) - 160, 160):
-            frame = av.AudioFrame.from_ndarray(
-                pcm8[None, start : start + 160].copy(), format="s16", layout="mono"
-            )
-            frame.sample_rate, frame.pts = 8000, start
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buffer.getvalue()
 
 
 def main() -> None:
@@ -71,7 +45,7 @@ def main() -> None:
         name: ffmpeg("-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-", *options, "-", data=pcm)
         for name, options in FORMATS.items()
     }
-    encoded["AMR"] = amr(audio)
+    encoded["AMR"] = amr_narrowband(audio)
     print(f"{seconds:.1f} s of audio, {args.rounds} rounds, 100 ms chunks\n")
     print("| encoding | bytes per audio-s | CPU-s per audio-s (median) | decoded / sent duration |")
     print("|---|---|---|---|")

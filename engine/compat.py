@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
+from .api import stt_pb2
 from .compressed import CompressedAudioError, streaming_decoder
 from .errors import SttError, invalid_argument, out_of_range
 from .settings import MAX_PROMPT_CHARS
@@ -166,3 +167,69 @@ def decode_all(compressed: str, data: bytes, max_seconds: float) -> bytes:
                 "audio_content",
             )
     return bytes(pcm)
+
+
+class TranslatedStream:
+    """Another API's stream requests as stt.v1 requests: its config (translated by
+    ``configure``) first, then its audio, decoded when compressed (``AudioIn``). What the core
+    refuses (audio before the config, a second config, a message that did not parse) is passed
+    on for the core to refuse with its own errors. Subclasses name their request type and may
+    check each request, count the audio and end the input early."""
+
+    request_type: type
+
+    def __init__(self, requests: AsyncIterator[Any], max_message_bytes: int) -> None:
+        self._requests = requests
+        self._max_message_bytes = max_message_bytes
+        self.audio: AudioIn | None = None  # once configured
+        self._input_done = False
+
+    def __aiter__(self) -> TranslatedStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            piece = self.audio.take() if self.audio is not None else None
+            if piece is not None:
+                self.audio_sent(len(piece))
+                return stt_pb2.StreamingRecognizeRequest(audio_content=piece)
+            if self._input_done or await self.input_ended():
+                raise StopAsyncIteration
+            try:
+                request = await anext(self._requests)
+            except StopAsyncIteration:
+                self._input_done = True
+                if self.audio is None:
+                    raise
+                self.audio.end()
+                continue
+            if not isinstance(request, self.request_type):
+                return request  # a MalformedRequest: the core refuses it
+            self.check(request)
+            if request.HasField("streaming_config"):
+                if self.audio is not None:  # a second config: the core says so
+                    return stt_pb2.StreamingRecognizeRequest(
+                        streaming_config=stt_pb2.StreamingRecognitionConfig()
+                    )
+                config, compressed = self.configure(request)
+                self.audio = AudioIn(compressed)
+                return stt_pb2.StreamingRecognizeRequest(streaming_config=config)
+            if self.audio is None:  # audio before the config: the core says so
+                return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
+            audio = request.audio_content  # a copy at each access (upb): take one
+            check_message_size(audio, self._max_message_bytes)
+            self.audio.add(audio)
+
+    def configure(self, request: Any) -> tuple[stt_pb2.StreamingRecognitionConfig, str | None]:
+        """The stream's config as the core's, and its compressed encoding (None: PCM)."""
+        raise NotImplementedError
+
+    def check(self, request: Any) -> None:
+        """Refuses (SttError) a request the core would not see the fault in."""
+
+    def audio_sent(self, num_bytes: int) -> None:
+        """``num_bytes`` of LINEAR16, MULAW or ALAW went to the core."""
+
+    async def input_ended(self) -> bool:
+        """Whether to end the stream's input now, as if the client had half-closed."""
+        return False

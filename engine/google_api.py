@@ -24,7 +24,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 
 from .api import stt_pb2
 from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
-from .compat import AudioIn, OutputText, check_message_size, decode_all, phrase_prompt, refuse
+from .compat import OutputText, TranslatedStream, decode_all, phrase_prompt, refuse
 from .errors import SttError, invalid_argument
 
 if TYPE_CHECKING:
@@ -214,77 +214,47 @@ def _timeout_seconds(duration: Any, field: str) -> float:
     return value
 
 
-class GoogleStream:
+class GoogleStream(TranslatedStream):
     """One Google stream: its requests as stt.v1 requests, the core's responses as Google's."""
 
+    request_type = StreamingRequest
+
     def __init__(self, requests: AsyncIterator[Any], max_message_bytes: int) -> None:
-        self._requests = requests
-        self._max_message_bytes = max_message_bytes
+        super().__init__(requests, max_message_bytes)
         self._call: CallTelemetry | None = None
         self.settings: GoogleSettings | None = None
         self.timeout: VoiceActivityTimeout | None = None
         self.timed_out = False
-        self.audio: AudioIn | None = None  # once configured
-        self._input_done = False
 
     def bind(self, call: CallTelemetry) -> None:
         """The call's telemetry, which records the config's hints."""
         self._call = call
 
-    def __aiter__(self) -> GoogleStream:
-        return self
+    def audio_sent(self, num_bytes: int) -> None:
+        if self.timeout is not None:
+            self.timeout.audio(num_bytes)
 
-    async def __anext__(self) -> Any:
-        while True:
-            piece = self.audio.take() if self.audio is not None else None
-            if piece is not None:
-                if self.timeout is not None:
-                    self.timeout.audio(len(piece))
-                return stt_pb2.StreamingRecognizeRequest(audio_content=piece)
-            if self._input_done:
-                raise StopAsyncIteration
-            if self.timeout is not None:
-                # The core's events for the audio just read are queued; let them be translated
-                # (and so seen here) before the timeout is judged.
-                await asyncio.sleep(0)
-                if self.timeout.expired:
-                    self.timed_out = True  # the end of the stream's input: its finals still come
-                    raise StopAsyncIteration
-            try:
-                request = await anext(self._requests)
-            except StopAsyncIteration:
-                self._input_done = True
-                if self.audio is None:
-                    raise
-                self.audio.end()
-                continue
-            if not isinstance(request, StreamingRequest):
-                return request  # a MalformedRequest: the core refuses it
-            if request.HasField("streaming_config"):
-                if self.settings is not None:  # a second config: the core says so
-                    return stt_pb2.StreamingRecognizeRequest(
-                        streaming_config=stt_pb2.StreamingRecognitionConfig()
-                    )
-                return stt_pb2.StreamingRecognizeRequest(
-                    streaming_config=self._config(request.streaming_config)
-                )
-            if self.audio is None:  # audio before the config: the core says so
-                return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
-            audio = request.audio_content  # a copy at each access (upb): take one
-            check_message_size(audio, self._max_message_bytes)
-            self.audio.add(audio)
+    async def input_ended(self) -> bool:
+        if self.timeout is None:
+            return False
+        # The core's events for the audio just read are queued; let them be translated (and so
+        # seen here) before the timeout is judged.
+        await asyncio.sleep(0)
+        self.timed_out = self.timeout.expired  # the end of the input: its finals still come
+        return self.timed_out
 
-    def _config(self, streaming: Any) -> stt_pb2.StreamingRecognitionConfig:
+    def configure(self, request: Any) -> tuple[stt_pb2.StreamingRecognitionConfig, str | None]:
+        streaming = request.streaming_config
         config = translate_config(streaming.config, "streaming_config.config", self._call)
-        self.audio = AudioIn(compressed_encoding(streaming.config))
         if streaming.HasField("voice_activity_timeout"):
             self.timeout = self._voice_activity_timeout(streaming, config)
         self.settings = GoogleSettings(streaming.config, streaming)
-        return stt_pb2.StreamingRecognitionConfig(
+        translated = stt_pb2.StreamingRecognitionConfig(
             config=config,
             interim_results=streaming.interim_results,
             single_utterance=streaming.single_utterance,
         )
+        return translated, compressed_encoding(streaming.config)
 
     @staticmethod
     def _voice_activity_timeout(streaming: Any, config: stt_pb2.RecognitionConfig) -> VoiceActivityTimeout:

@@ -20,7 +20,7 @@ from riva.client.proto import riva_asr_pb2 as riva
 from riva.client.proto import riva_audio_pb2 as riva_audio
 
 from .api import stt_pb2
-from .compat import AudioIn, OutputText, check_message_size, decode_all, phrase_prompt, refuse
+from .compat import OutputText, TranslatedStream, decode_all, phrase_prompt, refuse
 from .errors import invalid_argument
 
 if TYPE_CHECKING:
@@ -142,60 +142,31 @@ class RivaOutput:
         )
 
 
-class RivaStream:
+class RivaStream(TranslatedStream):
     """One Riva stream: its requests as stt.v1 requests, the core's responses as Riva's."""
 
+    request_type = riva.StreamingRecognizeRequest
+
     def __init__(self, requests: AsyncIterator[Any], max_message_bytes: int) -> None:
-        self._requests = requests
-        self._max_message_bytes = max_message_bytes
+        super().__init__(requests, max_message_bytes)
         self.output: RivaOutput | None = None
         self.request_id: Any = None
-        self.audio: AudioIn | None = None  # once configured
-        self._input_done = False
 
-    def __aiter__(self) -> RivaStream:
-        return self
+    def check(self, request: Any) -> None:
+        if request.runtime_config:
+            key = sorted(request.runtime_config)[0]
+            raise refuse(f"runtime_config[{key!r}]"[:200], "no runtime configuration is supported")
 
-    async def __anext__(self) -> Any:
-        while True:
-            piece = self.audio.take() if self.audio is not None else None
-            if piece is not None:
-                return stt_pb2.StreamingRecognizeRequest(audio_content=piece)
-            if self._input_done:
-                raise StopAsyncIteration
-            try:
-                request = await anext(self._requests)
-            except StopAsyncIteration:
-                self._input_done = True
-                if self.audio is None:
-                    raise
-                self.audio.end()
-                continue
-            if not isinstance(request, riva.StreamingRecognizeRequest):
-                return request  # a MalformedRequest: the core refuses it
-            if request.runtime_config:
-                key = sorted(request.runtime_config)[0]
-                raise refuse(f"runtime_config[{key!r}]"[:200], "no runtime configuration is supported")
-            if request.HasField("streaming_config"):
-                if self.output is not None:  # a second config: the core says so
-                    return stt_pb2.StreamingRecognizeRequest(
-                        streaming_config=stt_pb2.StreamingRecognitionConfig()
-                    )
-                return stt_pb2.StreamingRecognizeRequest(streaming_config=self._config(request))
-            if self.audio is None:  # audio before the config: the core says so
-                return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
-            audio = request.audio_content  # a copy at each access (upb): take one
-            check_message_size(audio, self._max_message_bytes)
-            self.audio.add(audio)
-
-    def _config(self, request: Any) -> stt_pb2.StreamingRecognitionConfig:
+    def configure(self, request: Any) -> tuple[stt_pb2.StreamingRecognitionConfig, str | None]:
         streaming = request.streaming_config
         config = translate_config(streaming.config, "streaming_config.config")
         self.output = RivaOutput(streaming.config)
-        self.audio = AudioIn(COMPRESSED.get(streaming.config.encoding))
         if request.HasField("id"):
             self.request_id = request.id
-        return stt_pb2.StreamingRecognitionConfig(config=config, interim_results=streaming.interim_results)
+        translated = stt_pb2.StreamingRecognitionConfig(
+            config=config, interim_results=streaming.interim_results
+        )
+        return translated, COMPRESSED.get(streaming.config.encoding)
 
     def response(self, response: stt_pb2.StreamingRecognizeResponse) -> Any | None:
         """The Riva response for the core's ``response``; None for speech events (Riva has none)."""

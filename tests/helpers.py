@@ -130,6 +130,34 @@ class Clip:
         return len(self.audio) / 16000
 
 
+def amr_narrowband(audio: np.ndarray) -> bytes:
+    """``audio`` (16 kHz float) as AMR-NB at 12.2 kbit/s in its storage format, from PyAV's
+    encoder (the ffmpeg command here has none)."""
+    import io
+
+    import av
+
+    from engine.audio import float_to_linear16
+
+    source = ("-f", "s16le", "-ar", "16000", "-ac", "1", "-i", "-")
+    pcm8 = np.frombuffer(
+        ffmpeg(*source, "-ar", "8000", "-f", "s16le", "-", data=float_to_linear16(audio)), "<i2"
+    )
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="amr") as container:
+        stream = container.add_stream("libopencore_amrnb", rate=8000)
+        stream.bit_rate, stream.layout = 12200, "mono"
+        for start in range(0, len(pcm8) - 160, 160):
+            samples = pcm8[None, start : start + 160].copy()
+            frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+            frame.sample_rate, frame.pts = 8000, start
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return buffer.getvalue()
+
+
 def load_clips() -> list[Clip]:
     """The real recordings of ../shared/audio (or $STT_TEST_AUDIO); required in CI."""
     manifest = AUDIO_DIR / "manifest.tsv"

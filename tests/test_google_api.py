@@ -24,7 +24,7 @@ from engine.audio import float_to_linear16
 from engine.client import SpeechClient as SttClient
 from engine.client import StreamConfig, audio_requests, final_transcripts
 from engine.compat import mask_profanity, strip_punctuation
-from tests.helpers import ffmpeg, long_segment, normalize, tool, wer
+from tests.helpers import amr_narrowband, ffmpeg, long_segment, normalize, tool, wer
 
 Encoding = speech.RecognitionConfig.AudioEncoding
 Event = speech.StreamingRecognizeResponse.SpeechEventType
@@ -374,43 +374,3 @@ def test_amr_recorded_by_a_phone_decodes(client, jfk):
         audio=speech.RecognitionAudio(content=amr_narrowband(jfk)),
     )
     assert wer([JFK_TEXT], [" ".join(r.alternatives[0].transcript for r in response.results)]) < 0.15
-
-
-def amr_narrowband(audio: np.ndarray) -> bytes:
-    """AMR-NB at 12.2 kbit/s in its storage format, from PyAV's encoder (ffmpeg here has none)."""
-    import io
-
-    import av
-
-    pcm8 = np.frombuffer(encoded(audio, "-ar", "8000", "-f", "s16le"), dtype="<i2")
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="amr") as container:
-        stream = container.add_stream("libopencore_amrnb", rate=8000)
-        stream.bit_rate, stream.layout = 12200, "mono"
-        for start in range(0, len(pcm8) - 160, 160):
-            frame = av.AudioFrame.from_ndarray(
-                pcm8[None, start : start + 160].copy(), format="s16", layout="mono"
-            )
-            frame.sample_rate, frame.pts = 8000, start
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def test_compressed_audio_is_held_to_the_limits_before_it_is_decoded(client):
-    """Five minutes of Opus fit in a small message: the limits count it decoded, and Recognize
-    stops decoding at the limit instead of holding it all."""
-    silence = ("-f", "lavfi", "-i", "anullsrc=r=16000:cl=mono", "-t", "301", "-c:a", "libopus", "-b:a", "6k")
-    opus = ffmpeg(*silence, "-f", "ogg", "-")
-    assert len(opus) < 400_000  # well under --max-recognize-bytes
-    with pytest.raises(exceptions.OutOfRange, match="decodes to more than the limit of 300 s"):
-        client.recognize(
-            config=config(encoding=Encoding.OGG_OPUS), audio=speech.RecognitionAudio(content=opus)
-        )
-    # A message over --max-chunk-bytes is refused as sent, as stt.v1 refuses it.
-    streaming = speech.StreamingRecognitionConfig(config=config(encoding=Encoding.OGG_OPUS))
-    too_big = iter([speech.StreamingRecognizeRequest(audio_content=bytes(1_100_000))])
-    with pytest.raises(exceptions.OutOfRange, match="exceeds the limit of"):
-        list(client.streaming_recognize(config=streaming, requests=too_big))
