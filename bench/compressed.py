@@ -1,6 +1,6 @@
 """What decoding compressed audio costs: CPU-s per audio-s of each streamed encoding.
 
-The Google and Riva layers decode FLAC, Ogg and WebM Opus, MP3 and AMR as they stream in
+The Google and Riva layers decode FLAC, Ogg and WebM Opus, MP3, AMR and AMR-WB as they stream in
 (``engine/compressed.py``), on the event loop. This encodes the joined long-form of
 ../shared/audio with ffmpeg in each format, decodes it in 100 ms chunks (as a real-time client
 sends it) several times, and reports the median CPU-s per audio-s beside the engine's own
@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from bench.streaming import long_form  # noqa: E402
 from engine.audio import float_to_linear16  # noqa: E402
 from engine.compressed import streaming_decoder  # noqa: E402
-from tests.helpers import amr_narrowband, ffmpeg  # noqa: E402
+from tests.helpers import amr_narrowband, amr_wideband, ffmpeg  # noqa: E402
 
 FORMATS = {
     "FLAC": ("-f", "flac"),
@@ -46,6 +46,7 @@ def main() -> None:
         for name, options in FORMATS.items()
     }
     encoded["AMR"] = amr_narrowband(audio)
+    encoded["AMR_WB"] = amr_wideband(audio)
     print(f"{seconds:.1f} s of audio, {args.rounds} rounds, 100 ms chunks\n")
     print("| encoding | bytes per audio-s | CPU-s per audio-s (median) | decoded / sent duration |")
     print("|---|---|---|---|")

@@ -1,4 +1,4 @@
-"""Compressed audio streamed in chunks (FLAC, Ogg or WebM Opus, MP3, AMR), decoded as it arrives.
+"""Compressed audio streamed in chunks (FLAC, Ogg or WebM Opus, MP3, AMR, AMR-WB), decoded as it arrives.
 
 The Google and Riva layers accept these encodings; each turns a stream's compressed chunks
 into 16 kHz mono LINEAR16 for the recognition core, so the core's limits and clocks count
@@ -382,33 +382,35 @@ def _frame_like(frame: av.AudioFrame, array: np.ndarray) -> av.AudioFrame:
 
 
 class AmrDecoder(_Decoder):
-    """AMR (narrowband) in the storage format (RFC 4867, section 5): the ``#!AMR`` line, then
-    frames whose first byte gives their size."""
+    """AMR or AMR-WB in the storage format (RFC 4867, section 5): the ``#!AMR`` or ``#!AMR-WB``
+    line, then frames whose first byte gives their size."""
 
-    name = "AMR"
-    MAGIC = b"#!AMR\n"
-    # Frame payload bytes by frame type, after the one-byte header (RFC 4867, table 1a).
-    SIZES = (12, 13, 15, 17, 19, 20, 26, 31, 5, 0, 0, 0, 0, 0, 0, 0)
+    # Frame payload bytes by frame type, after the one-byte header (RFC 4867, tables 1a and 1b).
+    NB_SIZES = (12, 13, 15, 17, 19, 20, 26, 31, 5, 0, 0, 0, 0, 0, 0, 0)
+    WB_SIZES = (17, 23, 32, 36, 40, 46, 50, 58, 60, 5, 0, 0, 0, 0, 0, 0)
 
-    def __init__(self) -> None:
+    def __init__(self, wideband: bool = False) -> None:
         super().__init__()
-        self._context = av.CodecContext.create("amrnb", "r")
-        self._context.sample_rate = 8000
+        self.name = "AMR-WB" if wideband else "AMR"
+        self._magic = b"#!AMR-WB\n" if wideband else b"#!AMR\n"
+        self._sizes = self.WB_SIZES if wideband else self.NB_SIZES
+        self._context = av.CodecContext.create("amrwb" if wideband else "amrnb", "r")
+        self._context.sample_rate = 16000 if wideband else 8000
         self._context.layout = "mono"
         self._header_done = False
 
     def _frames(self):
         if not self._header_done:
-            if len(self._pending) < len(self.MAGIC):
+            if len(self._pending) < len(self._magic):
                 return
-            if not self._pending.startswith(self.MAGIC):
-                raise CompressedAudioError(f"AMR audio must start with {self.MAGIC!r}")
-            self._pending = self._pending[len(self.MAGIC) :]
+            if not self._pending.startswith(self._magic):
+                raise CompressedAudioError(f"{self.name} audio must start with {self._magic!r}")
+            self._pending = self._pending[len(self._magic) :]
             self._header_done = True
         offset = 0
         data = self._pending
         while offset < len(data):
-            size = 1 + self.SIZES[(data[offset] >> 3) & 0x0F]
+            size = 1 + self._sizes[(data[offset] >> 3) & 0x0F]
             if len(data) - offset < size:
                 break
             yield from self._context.decode(av.Packet(data[offset : offset + size]))
@@ -416,7 +418,7 @@ class AmrDecoder(_Decoder):
         self._pending = data[offset:]
 
 
-STREAMED_ENCODINGS = ("FLAC", "OGG_OPUS", "WEBM_OPUS", "MP3", "AMR")
+STREAMED_ENCODINGS = ("FLAC", "OGG_OPUS", "WEBM_OPUS", "MP3", "AMR", "AMR_WB")
 
 
 def streaming_decoder(encoding: str) -> _Decoder:
@@ -429,6 +431,6 @@ def streaming_decoder(encoding: str) -> _Decoder:
         return WebmOpusDecoder()
     if encoding == "MP3":
         return Mp3Decoder()
-    if encoding == "AMR":
-        return AmrDecoder()
+    if encoding in ("AMR", "AMR_WB"):
+        return AmrDecoder(wideband=encoding == "AMR_WB")
     raise ValueError(f"no streaming decoder for {encoding}")

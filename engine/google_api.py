@@ -47,14 +47,15 @@ GoogleEncoding = google.RecognitionConfig.AudioEncoding
 SpeechEventType = google.StreamingRecognizeResponse.SpeechEventType
 
 ENCODINGS = {GoogleEncoding.LINEAR16: stt_pb2.LINEAR16, GoogleEncoding.MULAW: stt_pb2.MULAW}
-# Compressed encodings, decoded as they stream in (``compressed``). AMR_WB and
-# SPEEX_WITH_HEADER_BYTE are not: FFmpeg here has decoders but no encoders, so no test could prove them.
+# Compressed encodings, decoded as they stream in (``compressed``). SPEEX_WITH_HEADER_BYTE is not:
+# a block may hold several Speex frames, and FFmpeg's decoder, without Ogg's header, takes one.
 COMPRESSED = {
     GoogleEncoding.FLAC: "FLAC",
     GoogleEncoding.OGG_OPUS: "OGG_OPUS",
     GoogleEncoding.WEBM_OPUS: "WEBM_OPUS",
     GoogleEncoding.MP3: "MP3",
     GoogleEncoding.AMR: "AMR",
+    GoogleEncoding.AMR_WB: "AMR_WB",
 }
 SPEECH_EVENTS = {
     stt_pb2.SpeechEvent.SPEECH_STARTED: SpeechEventType.SPEECH_ACTIVITY_BEGIN,
@@ -126,7 +127,7 @@ def translate_config(config: Any, field: str, call: CallTelemetry) -> stt_pb2.Re
         raise invalid_argument(
             "STT_ENCODING_UNSUPPORTED",
             f"{f}encoding={name} is not supported by this server; use LINEAR16, MULAW, FLAC, "
-            "OGG_OPUS, WEBM_OPUS, MP3 or AMR",
+            "OGG_OPUS, WEBM_OPUS, MP3, AMR or AMR_WB",
             f + "encoding",
         )
     if config.enable_separate_recognition_per_channel and config.audio_channel_count > 1:

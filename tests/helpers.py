@@ -158,6 +158,34 @@ def amr_narrowband(audio: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def amr_wideband(audio: np.ndarray) -> bytes:
+    """``audio`` (16 kHz float) as AMR-WB at 23.85 kbit/s in its storage format, from the
+    VisualOn encoder library (Debian's libvo-amrwbenc0, which .ci/setup installs; neither ffmpeg
+    nor PyAV here has an AMR-WB encoder)."""
+    import ctypes
+
+    from engine.audio import float_to_linear16
+
+    library = ctypes.CDLL("libvo-amrwbenc.so.0")
+    library.E_IF_init.restype = ctypes.c_void_p
+    short_p, byte_p = ctypes.POINTER(ctypes.c_short), ctypes.POINTER(ctypes.c_ubyte)
+    library.E_IF_encode.argtypes = [ctypes.c_void_p, ctypes.c_int, short_p, byte_p, ctypes.c_int]
+    library.E_IF_exit.argtypes = [ctypes.c_void_p]
+    state = library.E_IF_init()
+    pcm = np.frombuffer(float_to_linear16(audio), dtype="<i2")
+    out, frame_bytes = bytearray(b"#!AMR-WB\n"), (ctypes.c_ubyte * 64)()
+    try:
+        for start in range(0, len(pcm) - 319, 320):  # 20 ms frames
+            samples = np.ascontiguousarray(pcm[start : start + 320])
+            size = library.E_IF_encode(
+                state, 8, samples.ctypes.data_as(ctypes.POINTER(ctypes.c_short)), frame_bytes, 0
+            )
+            out += bytes(frame_bytes[:size])
+    finally:
+        library.E_IF_exit(state)
+    return bytes(out)
+
+
 def load_clips() -> list[Clip]:
     """The real recordings of ../shared/audio (or $STT_TEST_AUDIO); required in CI."""
     manifest = AUDIO_DIR / "manifest.tsv"

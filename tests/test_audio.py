@@ -131,7 +131,7 @@ def test_lossy_streams_decode_to_the_whole_recording(jfk, encoding, options):
     assert np.corrcoef(ours, theirs)[0, 1] > 0.9
 
 
-@pytest.mark.parametrize("encoding", ["FLAC", "OGG_OPUS", "WEBM_OPUS", "MP3", "AMR"])
+@pytest.mark.parametrize("encoding", ["FLAC", "OGG_OPUS", "WEBM_OPUS", "MP3", "AMR", "AMR_WB"])
 def test_any_bytes_decode_or_raise_a_described_error(encoding):
     from hypothesis import given, settings
     from hypothesis import strategies as st
@@ -150,3 +150,10 @@ def test_any_bytes_decode_or_raise_a_described_error(encoding):
             assert str(error)
 
     check()
+
+
+def test_amr_wb_decodes_in_any_chunks(jfk):
+    from tests.helpers import amr_wideband
+
+    decoded = _decode_in_chunks("AMR_WB", amr_wideband(jfk), [1, 61, 500])
+    assert len(decoded) / 32000 == pytest.approx(len(jfk) / 16000, abs=0.03)
