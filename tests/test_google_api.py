@@ -11,6 +11,7 @@ import itertools
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -347,18 +348,24 @@ def test_compressed_recognize_flac_exactly_as_linear16_and_lossy_codecs_close(ap
 
 def test_opus_and_flac_stream_in_chunks_at_real_time(client, jfk):
     """Compressed audio as a browser or phone app streams it: small chunks cut anywhere in its
-    pages and frames, at the rate it is recorded."""
-    for encoding, options in (
-        (Encoding.OGG_OPUS, ("-c:a", "libopus", "-b:a", "24k", "-page_duration", "100000", "-f", "ogg")),
-        (Encoding.FLAC, ("-f", "flac")),
-        (Encoding.WEBM_OPUS, ("-c:a", "libopus", "-b:a", "32k", "-live", "1", "-f", "webm")),  # a recorder's
-    ):
+    pages and frames, at the rate it is recorded; the three streams at once."""
+
+    def stream(encoding, options: tuple[str, ...]) -> list:
         data = encoded(jfk, *options)
         streaming = speech.StreamingRecognitionConfig(
             config=config(encoding=encoding, enable_word_time_offsets=True), interim_results=True
         )
         bytes_per_second = round(len(data) / (len(jfk) / 16000))
-        responses = list(client.streaming_recognize(config=streaming, requests=paced(data, bytes_per_second)))
+        return list(client.streaming_recognize(config=streaming, requests=paced(data, bytes_per_second)))
+
+    formats = (
+        (Encoding.OGG_OPUS, ("-c:a", "libopus", "-b:a", "24k", "-page_duration", "100000", "-f", "ogg")),
+        (Encoding.FLAC, ("-f", "flac")),
+        (Encoding.WEBM_OPUS, ("-c:a", "libopus", "-b:a", "32k", "-live", "1", "-f", "webm")),  # a recorder's
+    )
+    with ThreadPoolExecutor(len(formats)) as pool:
+        streamed = list(pool.map(lambda item: stream(*item), formats))
+    for responses in streamed:
         results = [r.results[0] for r in responses if r.results]
         finals = [r for r in results if r.is_final]
         assert not results[0].is_final and len(finals) >= 2  # interims first, then finals as he pauses
