@@ -56,6 +56,11 @@ class OutputText:
         return mask_profanity(text) if self.profanity_filter else text
 
 
+def duration_seconds(duration: Any) -> float:
+    """A ``google.protobuf.Duration`` in seconds."""
+    return duration.ToNanoseconds() / 1e9
+
+
 def refuse(field: str, message: str) -> SttError:
     """INVALID_ARGUMENT for a field the engine cannot honour, naming it."""
     return invalid_argument("STT_CONFIG_UNSUPPORTED", f"{field}: {message}", field)
@@ -111,7 +116,6 @@ class AudioIn:
 
     def __init__(self, compressed: str | None) -> None:
         self.decoder = streaming_decoder(compressed) if compressed else None
-        self.encoding = compressed
         self._pieces: deque[bytes] = deque()
         self._compressed = bytearray()  # received, not decoded yet
         self._ended = False
@@ -217,7 +221,8 @@ class TranslatedStream:
             if self.audio is None:  # audio before the config: the core says so
                 return stt_pb2.StreamingRecognizeRequest(audio_content=request.audio_content)
             audio = request.audio_content  # a copy at each access (upb): take one
-            check_message_size(audio, self._max_message_bytes)
+            if self.audio.decoder is not None:  # the core checks what it receives as sent
+                check_message_size(audio, self._max_message_bytes)
             self.audio.add(audio)
 
     def configure(self, request: Any) -> tuple[stt_pb2.StreamingRecognitionConfig, str | None]:

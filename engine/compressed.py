@@ -68,26 +68,6 @@ class _Decoder:
         return ()
 
 
-class _ParsedDecoder(_Decoder):
-    """A codec whose packets FFmpeg's parser finds in the byte stream (FLAC, MP3)."""
-
-    codec = ""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._context = av.CodecContext.create(self.codec, "r")
-
-    def _frames(self):
-        data, self._pending = self._pending, b""
-        for packet in self._context.parse(data):
-            yield from self._context.decode(packet)
-
-    def _drain(self):
-        for packet in self._context.parse(None):
-            yield from self._context.decode(packet)
-        yield from self._context.decode(None)
-
-
 def _crc16_table() -> list[int]:
     table = []
     for byte in range(256):
@@ -178,14 +158,14 @@ class FlacDecoder(_Decoder):
         return True
 
 
-class Mp3Decoder(_ParsedDecoder):
-    """MP3 frames, after an ID3v2 tag if there is one."""
+class Mp3Decoder(_Decoder):
+    """MP3 frames, after an ID3v2 tag if there is one; FFmpeg's parser finds the frames."""
 
     name = "MP3"
-    codec = "mp3"
 
     def __init__(self) -> None:
         super().__init__()
+        self._context = av.CodecContext.create("mp3", "r")
         self._tag_checked = False
 
     def _frames(self):
@@ -198,7 +178,14 @@ class Mp3Decoder(_ParsedDecoder):
                     return
                 self._pending = self._pending[size:]
             self._tag_checked = True
-        yield from super()._frames()
+        data, self._pending = self._pending, b""
+        for packet in self._context.parse(data):
+            yield from self._context.decode(packet)
+
+    def _drain(self):
+        for packet in self._context.parse(None):
+            yield from self._context.decode(packet)
+        yield from self._context.decode(None)
 
 
 class OggOpusDecoder(_Decoder):

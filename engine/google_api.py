@@ -24,7 +24,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 
 from .api import stt_pb2
 from .audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE
-from .compat import OutputText, TranslatedStream, decode_all, phrase_prompt, refuse
+from .compat import OutputText, TranslatedStream, decode_all, duration_seconds, phrase_prompt, refuse
 from .errors import SttError, invalid_argument
 
 if TYPE_CHECKING:
@@ -209,7 +209,7 @@ class VoiceActivityTimeout:
 
 
 def _timeout_seconds(duration: Any, field: str) -> float:
-    value = duration.seconds + duration.nanos / 1e9
+    value = duration_seconds(duration)
     if value < 0:
         raise invalid_argument("STT_CONFIG_OUT_OF_RANGE", f"{field} must not be negative", field)
     return value
@@ -291,9 +291,7 @@ class GoogleStream(TranslatedStream):
             kind = response.speech_event.type
             if self.timeout is not None and kind != stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE:
                 offset = response.speech_event.offset
-                self.timeout.speech(
-                    kind == stt_pb2.SpeechEvent.SPEECH_STARTED, offset.seconds + offset.nanos / 1e9
-                )
+                self.timeout.speech(kind == stt_pb2.SpeechEvent.SPEECH_STARTED, duration_seconds(offset))
             if kind != stt_pb2.SpeechEvent.END_OF_SINGLE_UTTERANCE and not self.settings.voice_events:
                 return None
             out.speech_event_type = SPEECH_EVENTS[kind]

@@ -20,7 +20,7 @@ from riva.client.proto import riva_asr_pb2 as riva
 from riva.client.proto import riva_audio_pb2 as riva_audio
 
 from .api import stt_pb2
-from .compat import OutputText, TranslatedStream, decode_all, phrase_prompt, refuse
+from .compat import OutputText, TranslatedStream, decode_all, duration_seconds, phrase_prompt, refuse
 from .errors import invalid_argument
 
 if TYPE_CHECKING:
@@ -46,10 +46,6 @@ UNMAPPED_ENDPOINTING = {
     "stop_history_eou": "the engine's early end of utterance is the server's --speculative-final-ms",
     "stop_threshold_eou": "the engine's early end of utterance is the server's --speculative-final-ms",
 }
-
-
-def seconds(duration: Any) -> float:
-    return duration.seconds + duration.nanos / 1e9
 
 
 def translate_config(config: Any, field: str) -> stt_pb2.RecognitionConfig:
@@ -118,8 +114,8 @@ class RivaOutput:
             if text:
                 out.words.add(
                     word=text,
-                    start_time=round(seconds(word.start_offset) * 1000),
-                    end_time=round(seconds(word.end_offset) * 1000),
+                    start_time=round(duration_seconds(word.start_offset) * 1000),
+                    end_time=round(duration_seconds(word.end_offset) * 1000),
                     confidence=word.confidence,
                     language_code=self.language,
                 )
@@ -172,7 +168,7 @@ class RivaStream(TranslatedStream):
         """The Riva response for the core's ``response``; None for speech events (Riva has none)."""
         if not response.HasField("result"):
             return None
-        processed = seconds(response.total_billed_time)
+        processed = duration_seconds(response.total_billed_time)
         out = riva.StreamingRecognizeResponse(
             results=[self.output.streaming_result(response.result, processed)]
         )
@@ -213,7 +209,7 @@ class RivaSpeechService:
         response = await self.core.serve_recognize(RIVA_RECOGNIZE_METHOD, requests, context, translate)
         request = received[0]
         output = RivaOutput(request.config)
-        processed = seconds(response.total_billed_time)
+        processed = duration_seconds(response.total_billed_time)
         out = riva.RecognizeResponse(
             results=[output.recognition_result(r, processed) for r in response.results]
         )

@@ -334,9 +334,9 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
     async def read_info_request(
         self, method: str, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> tuple[Any, SpeechModel | None]:
-        """The message of an informational call of ``method`` (another API's GetServerInfo), read
-        once the caller is authenticated, and the loaded model (None while loading); the call
-        counts as answered."""
+        """The message of an informational call of ``method`` (GetServerInfo, Riva's
+        GetRivaSpeechRecognitionConfig), read once the caller is authenticated, and the loaded
+        model (None while loading); the call counts as answered."""
         call = self.telemetry.call(method, context.invocation_metadata(), context.peer())
         try:
             self.guard.check(context, call)
@@ -364,13 +364,8 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
     ) -> stt_pb2.ServerInfo:
         """A unary call, registered as client-streaming (``add_speech_service``): its message is
         read only once the call is authenticated."""
-        call = self.telemetry.call(INFO_METHOD, context.invocation_metadata(), context.peer())
-        try:
-            self.guard.check(context, call)
-            async with _single_request(requests):
-                pass  # read only to be checked: its unknown fields may be megabytes too
-        except SttError as error:
-            await abort_with(context, call, error)
+        # The message is read only to be checked: its unknown fields may be megabytes too.
+        await self.read_info_request(INFO_METHOD, requests, context)
         info = stt_pb2.ServerInfo(
             version=__version__,
             encodings=list(SUPPORTED_ENCODINGS),
@@ -392,5 +387,4 @@ class SpeechService(stt_pb2_grpc.SpeechServicer):
             info.device = self.model.device
             info.compute_type = self.model.options.compute_type
             info.languages.extend(self.model.languages)
-        call.finished("OK")
         return info
