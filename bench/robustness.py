@@ -10,7 +10,11 @@ continuous speech), every long-form is streamed to a real server over gRPC in 10
 - WER of the whole streamed transcript against the whole reference, and of offline
   faster-whisper (beam 5, same model, its defaults) on exactly the audio the server heard;
 - final latency per clip, from the clip's end and from its last word (real time only);
-- words said twice at piece joins (``bench.streaming.words_said_twice``): 0 expected.
+- words said twice at piece joins (``bench.streaming.words_said_twice``): 0 expected;
+- the input-audio measures the server reports for the set (``engine.quality``: speech level,
+  noise floor, SNR, clipping, bandwidth, the share of utterances flagged by condition), computed
+  here by the engine's own recognizer on exactly the wire bytes, so the link between the audio
+  and the errors is visible beside the WER. ``--audio-only`` prints just these, without a server.
 
 Offline transcripts are cached by the audio's hash under ``--out``/offline-cache.
 
@@ -44,8 +48,11 @@ from bench.streaming import (  # noqa: E402
     words_said_twice,
 )
 from engine.api import stt_pb2  # noqa: E402
+from engine.audio import AudioDecoder, full_scale  # noqa: E402
 from engine.client import SpeechClient, chunk_bytes, paced  # noqa: E402
 from engine.model import resolve_model_path  # noqa: E402
+from engine.options import StreamingOptions  # noqa: E402
+from engine.recognizer import StreamingRecognizer, UtteranceEnded  # noqa: E402
 
 
 @dataclass
@@ -144,6 +151,51 @@ def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
     return jiwer.wer([normalize(r) for r in references], [normalize(h) or "<empty>" for h in hypotheses])
 
 
+def measured_audio(form: LongForm) -> tuple[object, list]:
+    """The stream summary and per-utterance ``AudioQuality`` the server computes for the
+    long-form: its wire bytes decoded and segmented as a stream, in 100 ms chunks."""
+    decoder = AudioDecoder(form.encoding, form.sample_rate)
+    recognizer = StreamingRecognizer(StreamingOptions(), full_scale(form.encoding))
+    chunk = form.sample_rate * (2 if form.encoding == stt_pb2.LINEAR16 else 1) // 10
+    events = []
+    for part in chunk_bytes(form.wire, chunk):
+        events += recognizer.accept(decoder.decode(part))
+    events += recognizer.accept(decoder.flush()) + recognizer.finish()
+    return recognizer.meter.stream_summary(), [
+        e.audio_quality for e in events if isinstance(e, UtteranceEnded)
+    ]
+
+
+def audio_row(forms: list[LongForm]) -> dict:
+    """Medians over the long-forms of their stream measures, and the share of utterances
+    flagged for each condition."""
+    summaries, utterances = [], []
+    for form in forms:
+        summary, parts = measured_audio(form)
+        summaries.append(summary)
+        utterances += [(q, form.sample_rate) for q in parts]
+
+    def median(name: str) -> float | None:
+        values = [getattr(q, name) for q in summaries if getattr(q, name) is not None]
+        return float(np.median(values)) if values else None
+
+    flagged = {}
+    for quality, rate in utterances:
+        for condition in quality.conditions(rate):
+            flagged[condition] = flagged.get(condition, 0) + 1
+    return {
+        "speech_level_dbfs": median("speech_level"),
+        "noise_level_dbfs": median("noise_level"),
+        "snr_db": median("snr"),
+        "peak_level_dbfs": median("peak_level"),
+        "clipped_share": median("clipped_share"),
+        "bandwidth_hz": median("bandwidth"),
+        "vad_uncertain_share": median("vad_uncertain_share"),
+        "utterances": len(utterances),
+        "flagged_share": {k: v / max(1, len(utterances)) for k, v in sorted(flagged.items())},
+    }
+
+
 def run_condition(condition: str, target: str, pid: int, args, model_holder: dict) -> dict:
     forms = build(condition)
     cpu_before = cpu_seconds(pid)
@@ -182,6 +234,7 @@ def run_condition(condition: str, target: str, pid: int, args, model_holder: dic
         "offline_forms_without_text": offline_lost,
         "duplicated_words": sum(len(phrase.split()) for phrase in repeats),
         "duplicated_phrases": repeats[:20],
+        "audio": audio_row(forms),
     }
     if args.speed == 1:
         row.update(
@@ -216,6 +269,30 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def audio_markdown(rows: list[dict]) -> str:
+    """The measured audio of each set beside its WER."""
+    lines = [
+        "| condition | speech level (dBFS) | noise floor (dBFS) | SNR (dB) | peak (dBFS) | clipped | "
+        "bandwidth (kHz) | VAD unsure | utterances flagged | WER streaming | WER offline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        a = r["audio"]
+        flagged = ", ".join(f"{k} {100 * v:.0f}%" for k, v in a["flagged_share"].items()) or "none"
+        wer = (
+            (f"{100 * r['wer_streaming']:.2f}%", f"{100 * r['wer_offline']:.2f}%")
+            if "wer_streaming" in r
+            else ("-", "-")
+        )
+        lines.append(
+            f"| {r['condition']} | {fmt(a['speech_level_dbfs'], 1)} | {fmt(a['noise_level_dbfs'], 1)} | "
+            f"{fmt(a['snr_db'], 1)} | {fmt(a['peak_level_dbfs'], 1)} | {100 * a['clipped_share']:.3f}% | "
+            f"{a['bandwidth_hz'] / 1000:.1f} | {100 * a['vad_uncertain_share']:.1f}% | {flagged} of "
+            f"{a['utterances']} | {wer[0]} | {wer[1]} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
@@ -232,7 +309,15 @@ def main() -> None:
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra `stt-engine serve` argument, repeatable"
     )
+    parser.add_argument(
+        "--audio-only", action="store_true", help="only the measured audio of each set, no server"
+    )
     args = parser.parse_args()
+    if args.audio_only:
+        rows = [{"condition": c, "audio": audio_row(build(c))} for c in args.conditions]
+        print(json.dumps(rows, indent=2))
+        print(audio_markdown(rows))
+        return
     target = "127.0.0.1:50190"
     server = start_server(target, "--max-streams", "64", *args.server_arg, env={"OTEL_SDK_DISABLED": "true"})
     rows, model_holder = [], {}
@@ -248,6 +333,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "robustness.json").write_text(json.dumps(rows, indent=2))
     print(markdown(rows))
+    print()
+    print(audio_markdown(rows))
 
 
 if __name__ == "__main__":

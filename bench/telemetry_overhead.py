@@ -6,6 +6,13 @@ run so machine noise hits both alike; the median over runs is reported. A
 microbenchmark then times the per-chunk telemetry call (one chunk span, its
 metrics) in microseconds, enabled vs disabled.
 
+The input-audio and recognition-quality measures (``engine.quality``, ``otel.quality``) run
+whether telemetry is on or not, so the on/off runs cannot show them; they are timed apart,
+in CPU time: the audio meter inside the real recognizer over the same audio (per audio
+second), and the quality telemetry of one utterance (span attributes, histograms, counters,
+its log record, exported to a real OTLP receiver) against the same utterance without it.
+Their sum per audio second is reported against the engine's CPU per audio second.
+
     python bench/telemetry_overhead.py --runs 3 --streams 2 --speed 2
 """
 
@@ -81,6 +88,82 @@ def chunk_call_microseconds(enabled: bool, endpoint: str, calls: int = 20000) ->
     return elapsed / calls * 1e6
 
 
+class CpuTimer:
+    """Adds up the CPU time spent in the functions it wraps."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, function):
+        def timed(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds += time.process_time() - started
+
+        return timed
+
+
+def meter_cpu_per_audio_second(audio, repeats: int = 5) -> tuple[float, int]:
+    """CPU seconds the audio meter takes per audio second inside the real recognizer (its
+    per-frame figures and each utterance's summary), median of ``repeats``; and the number
+    of utterances."""
+    from engine.options import StreamingOptions
+    from engine.recognizer import StreamingRecognizer, UtteranceEnded
+
+    runs, utterances = [], 0
+    for _ in range(repeats):
+        recognizer = StreamingRecognizer(StreamingOptions())
+        meter, timer = recognizer.meter, CpuTimer()
+        meter.process, meter.summary = timer.wrap(meter.process), timer.wrap(meter.summary)
+        events = []
+        for start in range(0, len(audio), 1600):
+            events += recognizer.accept(audio[start : start + 1600])
+        events += recognizer.finish()
+        utterances = sum(isinstance(e, UtteranceEnded) for e in events)
+        runs.append(timer.seconds / (len(audio) / 16000))
+    return statistics.median(runs), utterances
+
+
+def quality_telemetry_us_per_utterance(endpoint: str, utterances: int = 2000) -> float:
+    """CPU microseconds the quality telemetry adds to one utterance (attributes, histograms,
+    counters, the log record, exported over OTLP): utterances with their measures minus the
+    same utterances without, median of three."""
+    import logging
+
+    from engine.model import Hypothesis, Word
+    from engine.quality import AudioQuality, recognition_quality
+    from otel import Telemetry, TelemetryOptions, configure_logging
+
+    os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+    os.environ["OTEL_BSP_MAX_QUEUE_SIZE"] = str(utterances * 4)
+    os.environ["OTEL_BLRP_MAX_QUEUE_SIZE"] = str(utterances * 4)
+    audio = AudioQuality(-23.1, -61.7, 38.5, -3.2, 0.0, 0.0001, 0.05, 8000.0, 4.2, 5.1)
+    words = [Word("word", 0.1 * i, 0.1 * i + 0.08, 0.9) for i in range(12)]
+    recognition = recognition_quality(Hypothesis("text", avg_logprob=-0.2, confidence=0.82, words=words))
+    telemetry = Telemetry(TelemetryOptions(system_metrics=False), __version__)
+    configure_logging("INFO", logger_provider=telemetry.logger_provider)
+    logging.getLogger().handlers[0].setLevel(logging.CRITICAL)  # OTLP only, no console lines
+
+    def run(with_quality: bool) -> float:
+        stream = telemetry.stream("stt.v1.Speech/StreamingRecognize")
+        stream.configured({"encoding": "LINEAR16", "sample_rate": 16000})
+        started = time.process_time()
+        for index in range(utterances):
+            stream.utterance_started(index, index * 5.0)
+            stream.utterance_ended(index, index * 5.0, index * 5.0 + 4, index * 5.0 + 3.8, "silence",
+                                   audio if with_quality else None)  # fmt: skip
+            stream.utterance_done(index, recognition if with_quality else None)
+        elapsed = time.process_time() - started
+        stream.finished("OK")
+        return elapsed / utterances * 1e6
+
+    differences = [run(True) - run(False) for _ in range(3)]
+    telemetry.shutdown()
+    return statistics.median(differences)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--audio-dir", type=Path, default=REPO.parent / "shared" / "audio")
@@ -100,6 +183,9 @@ def main() -> None:
         on.append(serve_and_measure(audio, args.streams, args.speed, on_env, 50400 + run))
         print(f"run {run + 1}: off {off[-1]:.4f}  on {on[-1]:.4f} CPU-s per audio-s", flush=True)
     spans_received = len(receiver.spans())
+    meter_cpu, utterances = meter_cpu_per_audio_second(audio)
+    utterance_us = quality_telemetry_us_per_utterance(receiver.endpoint)
+    quality_cpu = meter_cpu + utterance_us / 1e6 * utterances / (len(audio) / 16000)
     chunk_on = statistics.median(chunk_call_microseconds(True, receiver.endpoint) for _ in range(3))
     chunk_off = statistics.median(chunk_call_microseconds(False, receiver.endpoint) for _ in range(3))
     receiver.stop()
@@ -115,6 +201,11 @@ def main() -> None:
         "chunk_call_us_on": chunk_on,
         "chunk_call_us_off": chunk_off,
         "spans_received": spans_received,
+        "quality_meter_cpu_per_audio_second": meter_cpu,
+        "quality_telemetry_us_per_utterance": utterance_us,
+        "utterances": utterances,
+        "quality_cpu_per_audio_second": quality_cpu,
+        "quality_percent_of_engine_cpu": 100 * quality_cpu / statistics.median(on),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "telemetry_overhead.json").write_text(json.dumps(result, indent=2))

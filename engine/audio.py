@@ -49,6 +49,15 @@ MULAW_TABLE = _mulaw_table()
 ALAW_TABLE = _alaw_table()
 
 
+def full_scale(encoding: int) -> float:
+    """The largest sample magnitude ``encoding`` can carry, as decoded (G.711's is below 1)."""
+    if encoding == stt_pb2.MULAW:
+        return float(MULAW_TABLE.max())
+    if encoding == stt_pb2.ALAW:
+        return float(ALAW_TABLE.max())
+    return 32767 / 32768
+
+
 class StreamingResampler:
     """Resamples float32 mono audio to 16 kHz across chunk boundaries."""
 

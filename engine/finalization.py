@@ -46,6 +46,7 @@ from .context import SpokenContext
 from .errors import decode_failed
 from .model import DecodeRequest, Hypothesis, join_hypotheses
 from .options import TARGET_SAMPLE_RATE
+from .quality import recognition_quality
 from .recognizer import (
     EndpointLikely,
     InterimDue,
@@ -116,6 +117,7 @@ class FinalResult:
 class FinalDecode:
     hypothesis: Hypothesis
     decodes: list[Any]
+    repair: str = ""  # ``quality.RecognitionQuality.repair``
 
 
 class Delivery(Protocol):
@@ -280,7 +282,12 @@ class Finalizer:
                 self._resumed(event)
             elif isinstance(event, UtteranceEnded):
                 self.telemetry.utterance_ended(
-                    event.utterance_index, event.start, event.end, event.speech_end, event.reason
+                    event.utterance_index,
+                    event.start,
+                    event.end,
+                    event.speech_end,
+                    event.reason,
+                    event.audio_quality,
                 )
                 self.delivery.speech_event("ended", event.speech_end, event.utterance_index)
                 self._start_final(event)
@@ -452,7 +459,12 @@ class Finalizer:
         speculative: bool = False,
     ) -> asyncio.Future:
         observer = self.telemetry.decode(
-            "final", event.utterance_index, event.start, event.end, speculative=speculative
+            "final",
+            event.utterance_index,
+            event.start,
+            event.end,
+            speculative=speculative,
+            audio=event.audio_quality,
         )
         return asyncio.ensure_future(
             self._final_decode(event, window, continues_at, observer, self._context_ready)
@@ -471,15 +483,20 @@ class Finalizer:
         seconds = len(event.audio) / TARGET_SAMPLE_RATE
         request = self._request(final=True, words=continues_at is not None or seconds >= REST_CHECK_SECONDS)
         decodes = [observer]
-        hypothesis = await self.scheduler.decode(event.audio, request, observer)
-        cut = window.head_cut(hypothesis.text) if hypothesis.is_speech else None
+        decoded = await self.scheduler.decode(event.audio, request, observer)
+        cut = window.head_cut(decoded.text) if decoded.is_speech else None
+        hypothesis, repair = decoded, ""
         if cut is not None:
-            hypothesis = await self._decode_in_two(event, request, cut, hypothesis, decodes)
-        elif hypothesis.words:
-            hypothesis = await self._decode_rest(event, request, hypothesis, decodes)
+            hypothesis = await self._decode_in_two(event, request, cut, decoded, decodes)
+            repair = "dropped_head"
+        elif decoded.words:
+            hypothesis = await self._decode_rest(event, request, decoded, decodes)
+            repair = "decoded_rest"
+        if hypothesis is decoded:
+            repair = ""
         if continues_at is not None:
             hypothesis = drop_words_before(hypothesis, continues_at - event.start)
-        return FinalDecode(hypothesis, decodes)
+        return FinalDecode(hypothesis, decodes, repair)
 
     async def _decode_in_two(
         self,
@@ -582,6 +599,11 @@ class Finalizer:
                     outcome.decodes,
                 )
             )
-            self.telemetry.final_sent(event.utterance_index, event.speech_end, outcome.decodes)
+            self.telemetry.final_sent(
+                event.utterance_index,
+                event.speech_end,
+                outcome.decodes,
+                recognition_quality(hypothesis, outcome.repair),
+            )
         else:
             self.telemetry.utterance_done(event.utterance_index)

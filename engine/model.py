@@ -88,6 +88,10 @@ class Hypothesis:
     tokens: int = 0
     temperature: float = 0.0
     failed_checks: bool = False  # what is sent failed Whisper's log-prob or loop checks
+    # Why the greedy temperature-0 decode was not kept (Whisper's fallback): ``compression_ratio``
+    # or ``repetition`` (it looped), ``avg_logprob`` (improbable); empty when it was.
+    fallback_reason: str = ""
+    compression_ratio: float = 0.0  # of the chosen decode's text, Whisper's loop measure
     looped: bool = False  # the text failed the loop checks (and was cut where it repeats)
     beam_size: int = 1
     encode_seconds: float = 0.0  # this decode's share of its batch's encoder pass
@@ -116,6 +120,8 @@ def join_hypotheses(head: Hypothesis, tail: Hypothesis, tail_offset: float) -> H
         tokens=tokens,
         temperature=max(head.temperature, tail.temperature),
         failed_checks=head.failed_checks or tail.failed_checks,
+        fallback_reason=head.fallback_reason or tail.fallback_reason,
+        compression_ratio=max(head.compression_ratio, tail.compression_ratio),
         looped=head.looped or tail.looped,
         encode_seconds=head.encode_seconds + tail.encode_seconds,
         decode_seconds=head.decode_seconds + tail.decode_seconds,
@@ -156,7 +162,12 @@ class _Attempt:
     avg_logprob: float
     temperature: float
     text: str
-    looping: bool
+    compression_ratio: float
+    rejected: str = ""  # why Whisper's checks rejected it (``Hypothesis.fallback_reason``)
+
+    @property
+    def looping(self) -> bool:
+        return self.rejected in ("compression_ratio", "repetition")
 
 
 class _Batch:
@@ -248,16 +259,16 @@ class _Job:
         avg_logprob = result.scores[0] * len(tokens) / (len(tokens) + 1)
         text = tokenizer.decode([t for t in tokens if t < tokenizer.eot]).strip()
         attempt = _Attempt(
-            sequences,
-            float(result.no_speech_prob),
-            avg_logprob,
-            temperature,
-            text,
-            looping=compression_ratio(text) > opts.compression_ratio_threshold or is_repetition_loop(text),
+            sequences, float(result.no_speech_prob), avg_logprob, temperature, text, compression_ratio(text)
         )
         silent = attempt.no_speech_prob > opts.no_speech_threshold and avg_logprob < opts.log_prob_threshold
-        improbable = avg_logprob < opts.log_prob_threshold and opts.fallback_on_low_logprob
-        if silent or not (attempt.looping or improbable):
+        if attempt.compression_ratio > opts.compression_ratio_threshold:
+            attempt.rejected = "compression_ratio"
+        elif is_repetition_loop(text):
+            attempt.rejected = "repetition"
+        elif avg_logprob < opts.log_prob_threshold and opts.fallback_on_low_logprob:
+            attempt.rejected = "avg_logprob"
+        if silent or not attempt.rejected:
             self.chosen = attempt
         else:
             self.attempts.append(attempt)
@@ -300,6 +311,8 @@ class _Job:
             tokens=len(self.tokens),
             temperature=chosen.temperature,
             failed_checks=self.failed,
+            fallback_reason=self.attempts[0].rejected if self.attempts else "",
+            compression_ratio=chosen.compression_ratio,
             looped=chosen.looping or self.text != chosen.text,
             beam_size=self.beam_size if chosen.temperature == 0 else 1,
             encode_seconds=encode_seconds,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .options import TARGET_SAMPLE_RATE, StreamingOptions
+from .quality import LOOKBACK_SECONDS, AudioMeter, AudioQuality
 from .text import cut_trailing_repeat, dropped_head, leading_fragments, word_key
 from .vad import FRAME_SAMPLES, StreamingVad
 
@@ -56,6 +57,7 @@ class EndpointLikely:
     end: float
     speech_end: float
     short: bool = False  # less speech than ``short_utterance_ms``: never ended early
+    audio_quality: AudioQuality | None = None  # measures of ``audio``
 
 
 @dataclass
@@ -82,6 +84,7 @@ class UtteranceEnded:
     speech_end: float
     reason: str
     foreseen: bool = False  # exactly the audio of this utterance's EndpointLikely
+    audio_quality: AudioQuality | None = None  # measures of ``audio``, noise floor from the pause before
 
 
 Event = SpeechStarted | InterimDue | EndpointLikely | SpeechResumed | UtteranceEnded
@@ -135,14 +138,22 @@ class AudioBuffer:
 
 
 class StreamingRecognizer:
-    """Feeds 16 kHz audio through the VAD and emits utterance events."""
+    """Feeds 16 kHz audio through the VAD and emits utterance events, with the measures of
+    each utterance's audio (``audio_quality``).
 
-    def __init__(self, options: StreamingOptions) -> None:
+    ``full_scale``: the largest sample magnitude of the stream's encoding (``audio.full_scale``),
+    for the clipping measure.
+    """
+
+    def __init__(self, options: StreamingOptions, full_scale: float = 1.0) -> None:
         self.options = options
         self._vad = StreamingVad(
             refresh_frames=round(options.vad_refresh_ms / 1000 / FRAME_SECONDS),
             quiet_below=options.speech_threshold,
         )
+        lookback = options.max_utterance_ms / 1000 + options.speech_pad_ms / 1000 + LOOKBACK_SECONDS
+        self.meter = AudioMeter(options.speech_threshold, full_scale, round(lookback / FRAME_SECONDS))
+        self._noise_from = 0  # sample where the pause before the open utterance began
         self._frames_done = 0
         self._buffer = AudioBuffer()
         self._pad = int(options.speech_pad_ms * TARGET_SAMPLE_RATE / 1000)
@@ -198,7 +209,9 @@ class StreamingRecognizer:
             return []
         self._buffer.append(samples)
         events: list[Event] = []
-        for prob in self._vad.process(samples):
+        probs = self._vad.process(samples)
+        self.meter.process(samples, probs)
+        for prob in probs:
             self._on_frame(float(prob), events)
             self._frames_done += 1
         if self._confirmed and self.options.interim_results:
@@ -289,6 +302,7 @@ class StreamingRecognizer:
                     end / TARGET_SAMPLE_RATE,
                     speech_end / TARGET_SAMPLE_RATE,
                     short=self._is_short(),
+                    audio_quality=self.meter.summary(start, end, self._noise_from, record=False),
                 )
             )
         if self._confirmed and frame - self._start_frame >= self._max_frames:
@@ -380,7 +394,9 @@ class StreamingRecognizer:
             speech_end_sample / TARGET_SAMPLE_RATE,
             reason,
             foreseen=foreseen,
+            audio_quality=self.meter.summary(start, end_sample, self._noise_from, record=True),
         )
+        self._noise_from = end_sample
         self.utterance_index += 1
         self._reset_utterance()
         # Audio before the end is dropped, so a next utterance's pre-roll never reaches back

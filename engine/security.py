@@ -260,7 +260,9 @@ class Guard:
         identity = self.identify(context)
         if identity is None:
             return
-        call.authenticated(identity)
+        # Token names and an allow-list are configured sets; certificate names alone are not.
+        bounded = self.tokens is not None or bool(self.options.allowed_identities)
+        call.authenticated(identity, bounded)
         limit = self.options.max_streams_per_identity
         if not holds_slot or not limit:
             return

@@ -19,7 +19,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from .api import stt_pb2
-from .audio import AudioDecoder
+from .audio import AudioDecoder, full_scale
 from .errors import SttError, invalid_argument, out_of_range
 from .finalization import Finalizer, FinalResult, InterimResult
 from .memory import LARGE_REQUEST_BYTES, release_soon
@@ -160,8 +160,11 @@ class StreamSession:
             self._decoder = AudioDecoder(
                 self.settings.encoding, self.settings.sample_rate, self.settings.channels
             )
+            self._recognizer = StreamingRecognizer(
+                self.settings.streaming, full_scale(self.settings.encoding)
+            )
             self._finalizer = Finalizer(
-                StreamingRecognizer(self.settings.streaming),
+                self._recognizer,
                 self.scheduler,
                 self.settings,
                 self.telemetry,
@@ -298,6 +301,9 @@ class StreamSession:
             await self._finalizer.wait_finals()
         except SttError as exc:
             error = error or exc
+        audio = self._recognizer.meter.stream_summary()
+        if audio is not None:
+            self.telemetry.stream_audio(audio)
         logger.info(
             "stream ended: %.1f s audio in %d chunks, %d utterances",
             self._received_seconds,

@@ -14,7 +14,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from .api import stt_pb2
-from .audio import AudioDecoder
+from .audio import AudioDecoder, full_scale
 from .context import SpokenContext
 from .errors import out_of_range
 from .finalization import FinalResult, drop_words_before
@@ -81,7 +81,9 @@ async def recognize(
             "audio_content",
         )
     # The whole buffer is here: every endpoint is certain, nothing to speculate on.
-    recognizer = StreamingRecognizer(dataclasses.replace(settings.streaming, speculative_final_ms=0))
+    recognizer = StreamingRecognizer(
+        dataclasses.replace(settings.streaming, speculative_final_ms=0), full_scale(settings.encoding)
+    )
     cancelled = threading.Event()
     try:
         # Not on the event loop, which serves every stream and the health checks.
@@ -90,6 +92,9 @@ async def recognize(
         cancelled.set()  # the thread stops at its next slice (or, still queued, before the first)
         raise
     del audio_content  # the caller's request still holds the bytes; this frame need not
+    audio = recognizer.meter.stream_summary()
+    if audio is not None:
+        telemetry.stream_audio(audio)
     # One after another, each conditioned on the finals before it, as offline Whisper does.
     context = SpokenContext()
     response = stt_pb2.RecognizeResponse(total_billed_time=duration(seconds))
@@ -105,7 +110,9 @@ async def recognize(
             word_timestamps=settings.word_time_offsets or continues_at is not None,
             alternatives=settings.alternatives,
         )
-        observer = telemetry.decode("final", event.utterance_index, event.start, event.end)
+        observer = telemetry.decode(
+            "final", event.utterance_index, event.start, event.end, audio=event.audio_quality
+        )
         # Cancelled here, the scheduler takes the queued decode back out (a running one ends
         # on its own), and no later utterance is queued.
         hypothesis = await scheduler.decode(event.audio, request, observer)

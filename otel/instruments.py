@@ -17,6 +17,17 @@ CALL_BUCKETS = (0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 60
 CHUNK_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0)
 
+# Audio levels as linear RMS (fraction of full scale) at these dBFS: histograms take no negatives.
+LEVEL_BUCKETS = tuple(
+    10 ** (level / 20)
+    for level in (-100, -90, -80, -70, -60, -55, -50, -45, -40, -35, -30, -25, -20, -15, -10, -5, 0)
+)
+SNR_BUCKETS = (0, 5, 10, 15, 20, 25, 30, 40, 50, 60)
+SHARE_BUCKETS = (0.0001, 0.001, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0)
+BANDWIDTH_BUCKETS = (2000, 3000, 4000, 4500, 5000, 6000, 7000, 8000)
+CONFIDENCE_BUCKETS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+COMPRESSION_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.4, 3.0, 5.0)
+
 # Utterance length classes of the final latency breakdown: (class, upper bound of the speech in
 # seconds). Short: a command or a short sentence, decoded in a few hundred ms; long: a read
 # sentence of 8 s or more, whose whole-utterance decode dominates its final's latency.
@@ -128,6 +139,90 @@ class Instruments:
             description="Time to load and warm the model",
             explicit_bucket_boundaries_advisory=CALL_BUCKETS,
         )
+        self._quality(meter)
         self.model_loaded = meter.create_up_down_counter(
             "stt.model.loaded", unit="{model}", description="Models loaded and serving (1 when ready)"
+        )
+
+    def _quality(self, meter: Meter) -> None:
+        """Input-audio and recognition quality (otel/quality.py), by encoding, sample-rate class
+        and, where identities are bounded, client."""
+        histogram = meter.create_histogram
+        self.audio_speech_rms = histogram(
+            "stt.audio.speech_rms",
+            unit="1",
+            description="RMS of an utterance's speech frames, fraction of full scale (20 log10: dBFS)",
+            explicit_bucket_boundaries_advisory=LEVEL_BUCKETS,
+        )
+        self.audio_noise_rms = histogram(
+            "stt.audio.noise_rms",
+            unit="1",
+            description="Noise floor (median non-speech frame) of an utterance, fraction of full scale",
+            explicit_bucket_boundaries_advisory=LEVEL_BUCKETS,
+        )
+        self.audio_snr = histogram(
+            "stt.audio.snr",
+            unit="dB",
+            description="Estimated signal-to-noise ratio of an utterance (0 at or below 0 dB)",
+            explicit_bucket_boundaries_advisory=SNR_BUCKETS,
+        )
+        self.audio_clipped_share = histogram(
+            "stt.audio.clipped_share",
+            unit="1",
+            description="Share of an utterance's samples at 99% of full scale or beyond",
+            explicit_bucket_boundaries_advisory=SHARE_BUCKETS,
+        )
+        self.audio_bandwidth = histogram(
+            "stt.audio.bandwidth",
+            unit="Hz",
+            description="Effective bandwidth of an utterance's speech (4.5 kHz or less: telephone audio)",
+            explicit_bucket_boundaries_advisory=BANDWIDTH_BUCKETS,
+        )
+        self.audio_vad_uncertain_share = histogram(
+            "stt.audio.vad_uncertain_share",
+            unit="1",
+            description="Share of an utterance's frames whose speech probability was near the threshold",
+            explicit_bucket_boundaries_advisory=SHARE_BUCKETS,
+        )
+        self.audio_utterances = meter.create_counter(
+            "stt.audio.utterances", unit="{utterance}", description="Utterances whose audio was measured"
+        )
+        self.audio_flagged_utterances = meter.create_counter(
+            "stt.audio.flagged_utterances",
+            unit="{utterance}",
+            description="Utterances whose audio was clipped, quiet, noisy or narrowband, by condition",
+        )
+        self.recognition_confidence = histogram(
+            "stt.recognition.confidence",
+            unit="1",
+            description="Confidence of a final (exp of its average token log-probability)",
+            explicit_bucket_boundaries_advisory=CONFIDENCE_BUCKETS,
+        )
+        self.recognition_no_speech_prob = histogram(
+            "stt.recognition.no_speech_prob",
+            unit="1",
+            description="The model's probability that a final's audio held no speech",
+            explicit_bucket_boundaries_advisory=SHARE_BUCKETS,
+        )
+        self.recognition_compression_ratio = histogram(
+            "stt.recognition.compression_ratio",
+            unit="1",
+            description="zlib compression ratio of a final's text (above 2.4: it repeats itself)",
+            explicit_bucket_boundaries_advisory=COMPRESSION_BUCKETS,
+        )
+        self.recognition_low_probability_words = histogram(
+            "stt.recognition.low_probability_word_share",
+            unit="1",
+            description="Share of a final's words under 0.5 probability (finals whose words were aligned)",
+            explicit_bucket_boundaries_advisory=SHARE_BUCKETS,
+        )
+        self.recognition_fallbacks = meter.create_counter(
+            "stt.recognition.fallbacks",
+            unit="{final}",
+            description="Finals whose temperature-0 decode was rejected, by reason",
+        )
+        self.recognition_repairs = meter.create_counter(
+            "stt.recognition.repairs",
+            unit="{final}",
+            description="Finals the engine repaired (loop_cut, dropped_head, decoded_rest), by repair",
         )

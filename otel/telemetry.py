@@ -36,6 +36,14 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from .instruments import Instruments, length_class
 from .options import TelemetryOptions
+from .quality import (
+    audio_attributes,
+    log_utterance,
+    recognition_attributes,
+    record_audio,
+    record_recognition,
+    sample_rate_class,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -409,6 +417,9 @@ class CallTelemetry:
         self.context.run(otel_context.attach, self.span_context)
         self._ended = False
         self.decode_seconds = 0.0
+        # Attributes of the quality metrics: encoding and sample-rate class, bounded identity.
+        self.quality_attributes: dict[str, Any] = {}
+        self.sample_rate = 16000
 
     @property
     def trace_id(self) -> str:
@@ -422,20 +433,42 @@ class CallTelemetry:
         return carrier.get("traceparent", "")
 
     def decode(
-        self, kind: str, utterance_index: int, audio_start: float, audio_end: float, parent=None
+        self, kind: str, utterance_index: int, audio_start: float, audio_end: float, parent=None, audio=None
     ) -> DecodeTelemetry:
+        """``audio``: the ``quality.AudioQuality`` of the audio it decodes."""
+        attributes = audio_attributes(audio, self.sample_rate) if audio is not None else None
         return DecodeTelemetry(
-            self, kind, utterance_index, audio_start, audio_end, parent or self.span_context, []
+            self,
+            kind,
+            utterance_index,
+            audio_start,
+            audio_end,
+            parent or self.span_context,
+            [],
+            audio=attributes,
         )
+
+    def stream_audio(self, audio: Any) -> None:
+        """The ``quality.AudioQuality`` of all the call's utterances, on its span."""
+        self.span.set_attributes(audio_attributes(audio, self.sample_rate))
 
     def configured(self, attributes: dict[str, Any]) -> None:
         """The call's settings, as ``stt.<key>`` attributes of its span."""
         self.span.set_attributes({f"stt.{key}": value for key, value in attributes.items()})
+        if "sample_rate" in attributes:
+            self.sample_rate = attributes["sample_rate"]
+            self.quality_attributes["stt.sample_rate_class"] = sample_rate_class(self.sample_rate)
+        if "encoding" in attributes:
+            self.quality_attributes["stt.encoding"] = attributes["encoding"]
 
-    def authenticated(self, identity: str) -> None:
-        """The caller proved ``identity`` (a token's name or a client certificate's name)."""
+    def authenticated(self, identity: str, bounded: bool = False) -> None:
+        """The caller proved ``identity`` (a token's name or a client certificate's name);
+        ``bounded``: identities are a configured set (a tokens file or an allow-list), so the
+        quality metrics may carry it."""
         # enduser.id: the semantic conventions' attribute for the authenticated end user.
         self.span.set_attribute("enduser.id", identity)
+        if bounded:
+            self.quality_attributes["enduser.id"] = identity
         self.instruments.client_calls.add(1, {"enduser.id": identity, "rpc.method": self.method})
 
     def _status_attributes(self, code: str) -> dict[str, Any]:
@@ -502,6 +535,7 @@ class StreamTelemetry(CallTelemetry):
         self._endpoints: dict[int, tuple[float, float, str]] = {}
         self._first_result_sent: set[int] = set()
         self._current_utterance: int | None = None
+        self._audio: dict[int, dict[str, Any]] = {}  # index -> stt.audio.* attributes, until done
 
     def chunk(
         self,
@@ -567,10 +601,17 @@ class StreamTelemetry(CallTelemetry):
         self._utterances[index] = (span, trace.set_span_in_context(span, self.span_context), onset)
         self._current_utterance = index
 
-    def utterance_ended(self, index: int, start: float, end: float, speech_end: float, reason: str) -> None:
-        """The endpoint decision (now): the utterance's audio is complete, ``reason`` says why."""
+    def utterance_ended(
+        self, index: int, start: float, end: float, speech_end: float, reason: str, audio: Any = None
+    ) -> None:
+        """The endpoint decision (now): the utterance's audio is complete, ``reason`` says why;
+        ``audio``: its ``quality.AudioQuality``."""
         self._endpoints[index] = (time.perf_counter(), speech_end - start, reason)
         entry = self._utterances.get(index)
+        attributes = {}
+        if audio is not None:
+            attributes = self._audio[index] = audio_attributes(audio, self.sample_rate)
+            record_audio(self.instruments, audio, self.sample_rate, self.quality_attributes)
         if entry is not None:
             entry[0].set_attributes(
                 {
@@ -578,6 +619,7 @@ class StreamTelemetry(CallTelemetry):
                     "stt.utterance.end_offset": end,
                     "stt.utterance.speech_end_offset": speech_end,
                     "stt.utterance.endpoint_reason": reason,
+                    **attributes,
                 }
             )
         if self._current_utterance == index:
@@ -591,8 +633,10 @@ class StreamTelemetry(CallTelemetry):
         audio_end: float,
         parent=None,
         speculative: bool = False,
+        audio: Any = None,
     ) -> DecodeTelemetry:
-        """``speculative``: a final decode started before its endpoint was certain."""
+        """``speculative``: a final decode started before its endpoint was certain; ``audio``:
+        the ``quality.AudioQuality`` of the audio it decodes."""
         entry = self._utterances.get(utterance_index)
         links = [
             ctx
@@ -611,6 +655,7 @@ class StreamTelemetry(CallTelemetry):
             entry[1] if entry else self.span_context,
             links,
             speculative,
+            audio=audio_attributes(audio, self.sample_rate) if audio is not None else None,
         )
 
     def speculation_resolved(self, used: bool) -> None:
@@ -634,10 +679,14 @@ class StreamTelemetry(CallTelemetry):
             self.instruments.first_result_latency.record(latency, {"stt.result.kind": kind}, context=entry[1])
 
     def final_sent(
-        self, utterance_index: int, speech_end: float, decodes: Sequence[DecodeTelemetry] = ()
+        self,
+        utterance_index: int,
+        speech_end: float,
+        decodes: Sequence[DecodeTelemetry] = (),
+        recognition: Any = None,
     ) -> None:
         """The utterance's final was delivered; ``decodes``: the decodes whose results made it,
-        in the order they ran."""
+        in the order they ran; ``recognition``: its ``quality.RecognitionQuality``."""
         delivered = time.perf_counter()
         self.instruments.results.add(1, {"stt.result.kind": "final"})
         self._first_result(utterance_index, "final")
@@ -653,7 +702,7 @@ class StreamTelemetry(CallTelemetry):
                 decided, speech_seconds, reason = endpoint
                 breakdown = latency_breakdown(arrived, decided, delivered, [d.timing for d in decodes])
                 self._record_breakdown(breakdown, speech_seconds, reason, entry, context)
-        self.utterance_done(utterance_index)
+        self.utterance_done(utterance_index, recognition)
 
     def _record_breakdown(
         self, breakdown: LatencyBreakdown, speech_seconds: float, reason: str, entry, context
@@ -685,10 +734,25 @@ class StreamTelemetry(CallTelemetry):
                 context=context,
             )
 
-    def utterance_done(self, utterance_index: int) -> None:
+    def utterance_done(self, utterance_index: int, recognition: Any = None) -> None:
+        """The utterance is over: its final (``recognition``: its measures) was delivered, or
+        it held no words (None); its quality summary is logged in its span's context."""
         self._first_result_sent.discard(utterance_index)
         self._endpoints.pop(utterance_index, None)
         entry = self._utterances.pop(utterance_index, None)
+        audio = self._audio.pop(utterance_index, None)
+        recognized = None
+        if recognition is not None:
+            recognized = recognition_attributes(recognition)
+            record_recognition(self.instruments, recognition, self.quality_attributes)
+            if entry is not None:
+                entry[0].set_attributes(recognized)
+        if audio is not None:
+            token = otel_context.attach(entry[1] if entry is not None else self.span_context)
+            try:
+                log_utterance(utterance_index, audio, recognized)
+            finally:
+                otel_context.detach(token)
         if entry is not None:
             entry[0].end()
 
@@ -720,6 +784,7 @@ class DecodeTelemetry:
         parent,
         links: list,
         speculative: bool = False,
+        audio: dict[str, Any] | None = None,
     ) -> None:
         self.call = call
         self.kind = kind
@@ -735,6 +800,7 @@ class DecodeTelemetry:
                 "stt.decode.audio_end_offset": audio_end,
                 "stt.decode.linked_chunks": len(links),
                 "stt.decode.speculative": speculative,
+                **(audio or {}),
             },
         )
         self._context = trace.set_span_in_context(self.span)
@@ -777,6 +843,8 @@ class DecodeTelemetry:
                 "stt.decode.tokens": h.tokens,
                 "stt.decode.temperature": h.temperature,
                 "stt.decode.failed_checks": h.failed_checks,
+                "stt.decode.fallback_reason": h.fallback_reason,
+                "stt.decode.compression_ratio": round(h.compression_ratio, 3),
                 "stt.decode.looped": h.looped,
                 "stt.decode.avg_logprob": h.avg_logprob,
                 "stt.decode.no_speech_prob": h.no_speech_prob,

@@ -13,6 +13,7 @@ import pytest
 from engine.finalization import Finalizer, drop_words_before
 from engine.model import DecodeRequest, Hypothesis, SpeechModel, Word
 from engine.options import ModelOptions, StreamingOptions
+from engine.quality import recognition_quality
 from engine.recognizer import InterimWindow, StreamingRecognizer, UtteranceEnded
 from engine.scheduler import InferenceScheduler
 from engine.settings import RecognitionSettings
@@ -204,3 +205,7 @@ def test_a_final_that_stopped_early_decodes_the_rest(model, clips):
     assert said[: len(keys(whole.text))] == keys(whole.text)
     assert "quilter" in said and said.count("year") == 1
     assert joined.words[-1].end > speech_end - 1.0
+    quality = recognition_quality(joined, "decoded_rest")
+    assert quality.repair == "decoded_rest" and not quality.loop_cut
+    # Both read sentences: most words are sure; the share is of the aligned words of both parts.
+    assert quality.low_probability_word_share is not None and quality.low_probability_word_share < 0.3

@@ -11,6 +11,7 @@ import pytest
 
 from engine.model import DecodeRequest, SpeechModel
 from engine.options import DecodeOptions, ModelOptions
+from engine.quality import recognition_quality
 from engine.recognizer import InterimWindow
 from engine.scheduler import InferenceScheduler, StaleInterim
 from engine.text import has_words, is_repetition_loop
@@ -133,6 +134,7 @@ def test_a_borderline_utterance_is_sent_as_its_beam_result_flagged(jfk):
     for hypothesis in hypotheses:
         assert wer(["ask not"], [hypothesis.text]) == 0 and hypothesis.temperature == 0.0, hypothesis.text
         assert hypothesis.failed_checks and hypothesis.confidence <= ceiling + 1e-9
+        assert hypothesis.fallback_reason == ""  # the server's policy: no fallback on low log-prob
 
 
 def test_whispers_fallback_never_sends_a_loop_or_a_text_without_words(jfk):
@@ -144,5 +146,14 @@ def test_whispers_fallback_never_sends_a_loop_or_a_text_without_words(jfk):
     assert sum(h.temperature > 0 or h.failed_checks for h in hypotheses) >= 150  # the fallback ran
     for hypothesis in hypotheses:
         assert has_words(hypothesis.text) and not is_repetition_loop(hypothesis.text), hypothesis.text
+        # Why the greedy decode was not kept, for the telemetry: improbable, or a loop.
+        if hypothesis.temperature > 0:
+            assert hypothesis.fallback_reason in ("avg_logprob", "compression_ratio", "repetition")
+        quality = recognition_quality(hypothesis)
+        assert (
+            quality.fallback_reason == hypothesis.fallback_reason
+            and quality.temperature == hypothesis.temperature
+        )
+        assert 0 < quality.compression_ratio == hypothesis.compression_ratio
         if hypothesis.failed_checks:  # flagged: no more confident than Whisper's threshold
             assert hypothesis.confidence <= np.exp(DecodeOptions().log_prob_threshold) + 1e-9

@@ -28,6 +28,7 @@ from cryptography import x509
 from grpc_status import rpc_status
 
 from engine.api import stt_pb2
+from engine.audio import read_audio_file
 from engine.client import SpeechClient, StreamConfig, final_transcripts
 from engine.errors import error_reason
 from tests.helpers import (
@@ -489,3 +490,62 @@ def test_grpcurl_and_grpc_health_probe_with_client_certificates(mtls_server):
         f"-addr={target}", "-tls", f"-tls-ca-cert={pki.ca_file}", connect_timeout="1s"
     )
     assert no_certificate.returncode == ProbeExit.NO_CONNECTION  # the handshake fails
+
+
+def test_quality_metrics_name_a_bounded_identity_and_flag_its_bad_audio(tls_server, jfk, tmp_path):
+    """With a tokens file, identities are a configured set: the quality metrics may carry them.
+    Bob's microphone clips (JFK 20 dB too loud), then he calls over a telephone line resampled
+    to 16 kHz: each utterance is flagged for what it is, on its span and in the counters."""
+    source = tmp_path / "jfk.wav"
+    subprocess.run(
+        ["sox", "-t", "f32", "-r", "16000", "-c", "1", "-", str(source)], input=jfk.tobytes(), check=True
+    )
+    clipped = tmp_path / "clipped.wav"
+    subprocess.run(
+        ["sox", str(source), "-b", "16", str(clipped), "gain", "20"], check=True, capture_output=True
+    )
+    line = tmp_path / "line.wav"
+    subprocess.run(["sox", str(source), "-r", "8000", "-e", "mu-law", str(line)], check=True)
+    phone = tmp_path / "phone.wav"
+    subprocess.run(["sox", str(line), "-r", "16000", "-e", "signed", "-b", "16", str(phone)], check=True)
+    trace_ids = {}
+    with tls_server.client(TOKENS["bob"]) as client:
+        for name, path in (("clipped", clipped), ("narrowband", phone)):
+            call = client.stream_audio(
+                read_audio_file(path), StreamConfig(interim_results=False), realtime=False
+            )
+            assert final_transcripts(call)
+            trace_ids[name] = dict(call.initial_metadata())["x-trace-id"]
+    receiver = tls_server.receiver
+
+    def flagged() -> dict:
+        points = receiver.metric_points().get("stt.audio.flagged_utterances", [])
+        return {p_attributes(p)["stt.audio.condition"]: p for p in points}
+
+    receiver.wait_for(lambda: {"clipped", "narrowband"} <= set(flagged()))
+    for condition, point in flagged().items():
+        assert p_attributes(point) == {
+            "stt.audio.condition": condition,
+            "enduser.id": "bob",
+            "stt.encoding": "LINEAR16",
+            "stt.sample_rate_class": "wideband",
+        }
+    assert set(flagged()) == {"clipped", "narrowband"}  # neither quiet nor noisy
+    for name, trace_id in trace_ids.items():
+        receiver.wait_for(
+            lambda t=trace_id: any(
+                s.name == "stt.utterance" and s.trace_id.hex() == t for s in receiver.spans()
+            )
+        )
+        utterances = [
+            s for s in receiver.spans() if s.name == "stt.utterance" and s.trace_id.hex() == trace_id
+        ]
+        for span in utterances:
+            (conditions,) = [
+                kv.value.array_value for kv in span.attributes if kv.key == "stt.audio.conditions"
+            ]
+            assert [v.string_value for v in conditions.values] == [name]
+
+
+def p_attributes(point) -> dict:
+    return {kv.key: kv.value.string_value for kv in point.attributes}

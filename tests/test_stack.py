@@ -515,6 +515,12 @@ def test_jaeger_returns_the_whole_stream_trace_under_the_client_span(stack):
     # belongs to (or the server span, for audio between utterances).
     utterances = [span for span in spans if span["operationName"] == "stt.utterance"]
     assert utterances and all(parent(span) is server for span in utterances)
+    # Each utterance shows the conditions of its audio and how sure the model was of its final.
+    for span in utterances:
+        tags = {tag["key"]: tag["value"] for tag in span["tags"]}
+        assert -20 < tags["stt.audio.speech_level"] < -10 and 20 < tags["stt.audio.snr"] < 30, tags
+        assert tags["stt.audio.bandwidth"] >= 5000 and tags["stt.audio.clipped_share"] == 0, tags
+        assert 0.5 < tags["stt.recognition.confidence"] <= 1, tags
     chunk_spans = [span for span in spans if span["operationName"] == "stt.chunk"]
     indexes = sorted(
         tag["value"] for span in chunk_spans for tag in span["tags"] if tag["key"] == "stt.chunk.index"

@@ -539,3 +539,87 @@ def test_first_result_latency_times_a_final_that_comes_first(traced):
     assert sum(point.count for point in latest.values()) >= finals
     # Timed from the arrival of the onset's audio (sent faster than real time here).
     assert 0 < latest["final"].sum / latest["final"].count < 10
+
+
+AUDIO_ATTRIBUTES = (
+    "stt.audio.speech_level",
+    "stt.audio.noise_level",
+    "stt.audio.snr",
+    "stt.audio.peak_level",
+    "stt.audio.clipped_share",
+    "stt.audio.dc_offset",
+    "stt.audio.vad_uncertain_share",
+    "stt.audio.bandwidth",
+    "stt.audio.conditions",
+)
+RECOGNITION_ATTRIBUTES = (
+    "stt.recognition.avg_logprob",
+    "stt.recognition.confidence",
+    "stt.recognition.no_speech_prob",
+    "stt.recognition.compression_ratio",
+    "stt.recognition.temperature",
+    "stt.recognition.loop_cut",
+)
+
+
+def test_utterance_and_final_decode_spans_carry_the_audio_and_recognition_measures(traced):
+    spans = stream_spans(traced)
+    utterances = [s for s in spans if s.name == "stt.utterance"]
+    assert len(utterances) >= 2  # two sentences, or more where a sentence final cut one
+    for span in utterances:
+        values = attributes(span)
+        assert all(key in values for key in AUDIO_ATTRIBUTES + RECOGNITION_ATTRIBUTES), values
+        # JFK's archive recording: speech at about -15 dBFS, 25 dB above its noise, 5 kHz wide.
+        assert -20 < values["stt.audio.speech_level"] < -10
+        assert 20 < values["stt.audio.snr"] < 30
+        assert values["stt.audio.bandwidth"] >= 5000 and values["stt.audio.clipped_share"] == 0
+        assert list(values["stt.audio.conditions"].values) == []
+        assert 0.5 < values["stt.recognition.confidence"] <= 1 and values["stt.recognition.temperature"] == 0
+        assert values["stt.recognition.compression_ratio"] < 2.4 and not values["stt.recognition.loop_cut"]
+    finals = [attributes(s) for s in spans if s.name == "stt.decode.final"]
+    assert finals and all(
+        "stt.audio.speech_level" in f and "stt.decode.compression_ratio" in f for f in finals
+    )
+    stream = attributes(server_span(spans))
+    assert -20 < stream["stt.audio.speech_level"] < -10 and stream["stt.audio.bandwidth"] >= 5000
+    (recognize,) = [s for s in traced["receiver"].spans() if s.name == "stt.v1.Speech/Recognize"]
+    assert "stt.audio.snr" in attributes(recognize)
+
+
+def test_one_trace_correlated_quality_record_per_utterance(traced):
+    utterance_spans = {s.span_id: s for s in stream_spans(traced) if s.name == "stt.utterance"}
+    records = [
+        r for r in traced["receiver"].log_records()
+        if r.trace_id.hex() == traced["trace_id"] and r.body.string_value.startswith("utterance ")
+    ]  # fmt: skip
+    assert len(records) == len(utterance_spans) >= 2
+    for record in records:
+        values = attributes(record)
+        span = utterance_spans[record.span_id]  # logged in the utterance span's context
+        assert values["stt.utterance.index"] == attributes(span)["stt.utterance.index"]
+        assert all(key in values for key in AUDIO_ATTRIBUTES + RECOGNITION_ATTRIBUTES)
+        assert " dBFS" in record.body.string_value and "confidence" in record.body.string_value
+
+
+def test_quality_metrics_arrive_by_encoding_and_rate_class_without_identity(traced):
+    points = traced["receiver"].metric_points()
+    for name in (
+        "stt.audio.speech_rms",
+        "stt.audio.noise_rms",
+        "stt.audio.snr",
+        "stt.audio.clipped_share",
+        "stt.audio.bandwidth",
+        "stt.audio.vad_uncertain_share",
+        "stt.audio.utterances",
+        "stt.recognition.confidence",
+        "stt.recognition.no_speech_prob",
+        "stt.recognition.compression_ratio",
+    ):
+        assert points.get(name), f"no data points for {name}"
+        for point in points[name]:
+            # Unauthenticated: no client identity; never a per-stream label.
+            assert attributes(point) == {"stt.encoding": "LINEAR16", "stt.sample_rate_class": "wideband"}
+    speech = last_points(traced["receiver"])["stt.audio.speech_rms"]
+    # Two or more utterances of JFK in each of the two streams of it (Recognize records none).
+    assert speech.count >= 4 and 0.05 < speech.sum / speech.count < 0.3  # about -15 dBFS
+    assert not points.get("stt.audio.flagged_utterances")  # clean speech is flagged for nothing
