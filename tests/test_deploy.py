@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import yaml
 
@@ -330,8 +331,8 @@ def rules_evaluated_since(prometheus: PrometheusProcess, moment: datetime.dateti
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """Engine (--metrics-port, --max-streams 1, the Deployment's resource attributes) scraped every
-    second by Prometheus with the alert and SLO rules loaded, after a short fast stream, a real-time stream
-    and two refused streams."""
+    second by Prometheus with the alert and SLO rules loaded, after a short fast stream (and a
+    clipped and a repeating one), a real-time stream and two refused streams."""
     metrics_port = free_port()
     server = ServerProcess(
         "--metrics-port",
@@ -364,6 +365,15 @@ def live(tmp_path_factory):
             # Creates the per-call series (call duration, realtime factor) that the real-time
             # stream below then increments, so their rates are not zero.
             assert final_transcripts(client.stream_audio(jfk[: 4 * 16000], StreamConfig(), realtime=False))
+            # Series that clean speech never makes, for the quality panels and alerts. The same
+            # 4 s 20 dB too loud: a clipped utterance (stt_audio_flagged_utterances_total).
+            loud = np.clip(jfk[: 4 * 16000] * 10, -1, 1)
+            assert final_transcripts(client.stream_audio(loud, StreamConfig(), realtime=False))
+            # "Ask what you can do for your country." eight times over (22.4 s): a text that
+            # repeats itself, so a temperature fallback (compression_ratio) and a loop cut
+            # (stt_recognition_fallbacks_total, stt_recognition_repairs_total).
+            repeated = np.concatenate([jfk[8 * 16000 : int(10.8 * 16000)]] * 8)
+            assert final_transcripts(client.stream_audio(repeated, StreamConfig(), realtime=False))
             client.server_info()
         prometheus.wait_for("sum(stt_realtime_factor_count)", 1)
         finals: list[str] = []
@@ -404,7 +414,8 @@ def test_prometheus_scrapes_the_engine_and_sees_its_streams(live):
     finals_total = live.query('sum(stt_results_total{stt_result_kind="final"})')
     assert float(finals_total[0]["value"][1]) >= 3  # the short stream's and the real-time stream's
     audio = live.query("sum(stt_audio_received_seconds_total)")
-    assert float(audio[0]["value"][1]) == pytest.approx(15.0, abs=0.1)  # 4 s + 11 s; refusals send none
+    # 4 s clean, 4 s clipped, 22.4 s repeated, 11 s in real time; refusals send none.
+    assert float(audio[0]["value"][1]) == pytest.approx(41.4, abs=0.1)
 
 
 def exported_names(metrics_text: str) -> set[str]:
