@@ -66,8 +66,11 @@ def _rms(level_dbfs: float | None) -> float | None:
     return None if level_dbfs is None else 10 ** (level_dbfs / 20)
 
 
-def record_audio(instruments: Instruments, audio: Any, sample_rate: int, attributes: dict[str, Any]) -> None:
-    """One utterance's audio measures into the histograms and the per-condition counters."""
+def record_audio(
+    instruments: Instruments, audio: Any, sample_rate: int, attributes: dict[str, Any], context: Any = None
+) -> None:
+    """One utterance's audio measures into the histograms and the per-condition counters;
+    ``context``: the utterance span's, so that exemplars lead to its trace."""
     for histogram, value in (
         (instruments.audio_speech_rms, _rms(audio.speech_level)),
         (instruments.audio_noise_rms, _rms(audio.noise_level)),
@@ -77,21 +80,25 @@ def record_audio(instruments: Instruments, audio: Any, sample_rate: int, attribu
         (instruments.audio_vad_uncertain_share, audio.vad_uncertain_share),
     ):
         if value is not None:
-            histogram.record(value, attributes)
+            histogram.record(value, attributes, context=context)
     instruments.audio_utterances.add(1, attributes)
     for condition in audio.conditions(sample_rate):
         instruments.audio_flagged_utterances.add(1, {**attributes, "stt.audio.condition": condition})
 
 
-def record_recognition(instruments: Instruments, recognition: Any, attributes: dict[str, Any]) -> None:
-    """One final's recognition measures into the histograms and counters."""
-    instruments.recognition_confidence.record(recognition.confidence, attributes)
-    instruments.recognition_no_speech_prob.record(recognition.no_speech_prob, attributes)
-    instruments.recognition_compression_ratio.record(recognition.compression_ratio, attributes)
-    if recognition.low_probability_word_share is not None:
-        instruments.recognition_low_probability_words.record(
-            recognition.low_probability_word_share, attributes
-        )
+def record_recognition(
+    instruments: Instruments, recognition: Any, attributes: dict[str, Any], context: Any = None
+) -> None:
+    """One final's recognition measures into the histograms and counters; ``context``: the
+    utterance span's, so that exemplars lead to its trace."""
+    for histogram, value in (
+        (instruments.recognition_confidence, recognition.confidence),
+        (instruments.recognition_no_speech_prob, recognition.no_speech_prob),
+        (instruments.recognition_compression_ratio, recognition.compression_ratio),
+        (instruments.recognition_low_probability_words, recognition.low_probability_word_share),
+    ):
+        if value is not None:
+            histogram.record(value, attributes, context=context)
     if recognition.fallback_reason:
         instruments.recognition_fallbacks.add(
             1, {**attributes, "stt.recognition.fallback_reason": recognition.fallback_reason}

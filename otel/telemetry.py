@@ -611,7 +611,8 @@ class StreamTelemetry(CallTelemetry):
         attributes = {}
         if audio is not None:
             attributes = self._audio[index] = audio_attributes(audio, self.sample_rate)
-            record_audio(self.instruments, audio, self.sample_rate, self.quality_attributes)
+            context = entry[1] if entry is not None else self.span_context
+            record_audio(self.instruments, audio, self.sample_rate, self.quality_attributes, context)
         if entry is not None:
             entry[0].set_attributes(
                 {
@@ -741,14 +742,15 @@ class StreamTelemetry(CallTelemetry):
         self._endpoints.pop(utterance_index, None)
         entry = self._utterances.pop(utterance_index, None)
         audio = self._audio.pop(utterance_index, None)
+        context = entry[1] if entry is not None else self.span_context
         recognized = None
         if recognition is not None:
             recognized = recognition_attributes(recognition)
-            record_recognition(self.instruments, recognition, self.quality_attributes)
+            record_recognition(self.instruments, recognition, self.quality_attributes, context)
             if entry is not None:
                 entry[0].set_attributes(recognized)
         if audio is not None:
-            token = otel_context.attach(entry[1] if entry is not None else self.span_context)
+            token = otel_context.attach(context)
             try:
                 log_utterance(utterance_index, audio, recognized)
             finally:

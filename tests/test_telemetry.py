@@ -623,3 +623,11 @@ def test_quality_metrics_arrive_by_encoding_and_rate_class_without_identity(trac
     # Two or more utterances of JFK in each of the two streams of it (Recognize records none).
     assert speech.count >= 4 and 0.05 < speech.sum / speech.count < 0.3  # about -15 dBFS
     assert not points.get("stt.audio.flagged_utterances")  # clean speech is flagged for nothing
+    # Exemplars lead from a distribution to an utterance of a stream that recorded it.
+    utterance_spans = {s.span_id for s in traced["receiver"].spans() if s.name == "stt.utterance"}
+    streams = {traced["trace_id"], traced["paused_trace_id"]}
+    for name in ("stt.audio.speech_rms", "stt.recognition.confidence"):
+        exemplars = [e for p in points[name] for e in p.exemplars]
+        assert exemplars and all(
+            e.trace_id.hex() in streams and e.span_id in utterance_spans for e in exemplars
+        )
