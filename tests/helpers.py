@@ -459,8 +459,10 @@ class PrometheusProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as response:
             return json.load(response)
 
-    def query(self, expr: str) -> list:
-        body = self.api("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+    def query(self, expr: str, at: float | None = None) -> list:
+        """``expr`` now, or at Unix time ``at``."""
+        parameters = {"query": expr} if at is None else {"query": expr, "time": f"{at:.3f}"}
+        body = self.api("/api/v1/query?" + urllib.parse.urlencode(parameters))
         assert body["status"] == "success", body
         return body["data"]["result"]
 
