@@ -366,6 +366,7 @@ def test_aio_server_instrumentation_misreports_cancelled_and_failed_streams():
 # README, "Telemetry": a user's own Python client, instrumented with the package's instrumentor.
 README_CLIENT = """
 import sys
+import time
 
 import grpc
 from opentelemetry import trace
@@ -373,13 +374,15 @@ from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from engine.api import stt_pb2, stt_pb2_grpc
-from engine.audio import float_to_linear16, read_audio_file
 from engine.audio import float_to_linear16, read_audio_file
 
 provider = TracerProvider(resource=Resource.create({"service.name": "my-service"}))
 provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=sys.argv[2], insecure=True)))
+ended = InMemorySpanExporter()  # after the OTLP export: a span here has been exported
+provider.add_span_processor(SimpleSpanProcessor(ended))
 trace.set_tracer_provider(provider)
 
 # The README's three lines:
@@ -398,6 +401,12 @@ with trace.get_tracer("my-service").start_as_current_span("handle upload"):
     call = stt_pb2_grpc.SpeechStub(channel).StreamingRecognize(iter(requests))
     finals = [r.result.alternatives[0].transcript for r in call if r.result.is_final]
     print(dict(call.initial_metadata())["x-trace-id"], " ".join(finals))
+# The instrumentor ends the client span in the call's done callback, on a gRPC thread, which may
+# run after the responses are read: shutting down first lost the span now and then.
+for _ in range(1000):
+    if any(span.kind == trace.SpanKind.CLIENT for span in ended.get_finished_spans()):
+        break
+    time.sleep(0.01)
 provider.shutdown()
 """
 
