@@ -243,7 +243,9 @@ class AudioMeter:
         prob = self._prob[slots]
         power = self._power[slots]
         speech_all = prob >= self.speech_threshold
-        near_speech = np.convolve(speech_all, np.ones(2 * NOISE_GUARD_FRAMES + 1), "same") > 0
+        near_speech = np.zeros(len(prob), dtype=bool)
+        if len(prob):  # numpy refuses to convolve an empty range
+            near_speech = np.convolve(speech_all, np.ones(2 * NOISE_GUARD_FRAMES + 1), "same") > 0
         noise = (prob < self.speech_threshold - UNCERTAIN_MARGIN) & ~near_speech
         own = slots[start - noise_start :]  # the utterance's frames
         speech = speech_all[start - noise_start :]
