@@ -436,7 +436,6 @@ class CallTelemetry:
         self, kind: str, utterance_index: int, audio_start: float, audio_end: float, parent=None, audio=None
     ) -> DecodeTelemetry:
         """``audio``: the ``quality.AudioQuality`` of the audio it decodes."""
-        attributes = audio_attributes(audio, self.sample_rate) if audio is not None else None
         return DecodeTelemetry(
             self,
             kind,
@@ -445,12 +444,16 @@ class CallTelemetry:
             audio_end,
             parent or self.span_context,
             [],
-            audio=attributes,
+            audio=self._audio_attributes(audio),
         )
+
+    def _audio_attributes(self, audio: Any) -> dict[str, Any] | None:
+        """``stt.audio.*`` of a ``quality.AudioQuality`` (None for None), for this call's sample rate."""
+        return None if audio is None else audio_attributes(audio, self.sample_rate)
 
     def stream_audio(self, audio: Any) -> None:
         """The ``quality.AudioQuality`` of all the call's utterances, on its span."""
-        self.span.set_attributes(audio_attributes(audio, self.sample_rate))
+        self.span.set_attributes(self._audio_attributes(audio))
 
     def configured(self, attributes: dict[str, Any]) -> None:
         """The call's settings, as ``stt.<key>`` attributes of its span."""
@@ -610,7 +613,7 @@ class StreamTelemetry(CallTelemetry):
         entry = self._utterances.get(index)
         attributes = {}
         if audio is not None:
-            attributes = self._audio[index] = audio_attributes(audio, self.sample_rate)
+            attributes = self._audio[index] = self._audio_attributes(audio)
             context = entry[1] if entry is not None else self.span_context
             record_audio(self.instruments, audio, self.sample_rate, self.quality_attributes, context)
         if entry is not None:
@@ -656,7 +659,7 @@ class StreamTelemetry(CallTelemetry):
             entry[1] if entry else self.span_context,
             links,
             speculative,
-            audio=audio_attributes(audio, self.sample_rate) if audio is not None else None,
+            audio=self._audio_attributes(audio),
         )
 
     def speculation_resolved(self, used: bool) -> None:

@@ -212,6 +212,15 @@ def long_segment(utterance: str) -> tuple[np.ndarray, str]:
     return audio[int(float(row["start"]) * 16000) : int(float(row["end"]) * 16000)], row["transcript"]
 
 
+def feed(recognizer, audio: np.ndarray) -> list:
+    """A ``StreamingRecognizer``'s events for ``audio`` fed in 100 ms chunks, as a client streams
+    it, and the end of the stream."""
+    events = []
+    for start in range(0, len(audio), 1600):
+        events += recognizer.accept(audio[start : start + 1600])
+    return events + recognizer.finish()
+
+
 def paused_jfk(jfk: np.ndarray) -> np.ndarray:
     """JFK with 1 s more silence in its first pause, and 4 s of silence after it. With a 3 s
     endpoint, the final decode started speculatively in that pause is discarded when speech

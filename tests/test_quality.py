@@ -19,7 +19,7 @@ from engine.audio import read_audio_file
 from engine.options import StreamingOptions
 from engine.quality import FRAME_SAMPLES, AudioQuality
 from engine.recognizer import StreamingRecognizer, UtteranceEnded
-from tests.helpers import AUDIO_DIR, load_clips
+from tests.helpers import AUDIO_DIR, feed, load_clips
 
 # Recordings with pauses, so that each has a noise floor of its own: a president's speech
 # (narrow, noisy archive audio), a command, a LibriSpeech and an LJSpeech reading.
@@ -40,10 +40,7 @@ def sox(source: Path, target: Path, *effects: str, output: tuple[str, ...] = ())
 def measure(audio: np.ndarray, full_scale: float = 32767 / 32768) -> tuple[AudioQuality, list[AudioQuality]]:
     """The stream's summary and each utterance's measures, fed as a client streams it."""
     recognizer = StreamingRecognizer(StreamingOptions(), full_scale)
-    events = []
-    for start in range(0, len(audio), 1600):
-        events += recognizer.accept(audio[start : start + 1600])
-    events += recognizer.finish()
+    events = feed(recognizer, audio)
     utterances = [e.audio_quality for e in events if isinstance(e, UtteranceEnded)]
     assert utterances and all(q is not None for q in utterances)
     return recognizer.meter.stream_summary(), utterances

@@ -18,6 +18,7 @@ from engine.recognizer import (
     UtteranceEnded,
 )
 from engine.vad import StreamingVad
+from tests.helpers import feed
 
 
 def test_streaming_vad_matches_whole_file(jfk):
@@ -29,13 +30,6 @@ def test_streaming_vad_matches_whole_file(jfk):
     chunked = np.concatenate([vad.process(audio[i : i + 1234]) for i in range(0, len(audio), 1234)])
     assert chunked.shape == whole.shape
     assert np.allclose(chunked, whole, atol=1e-5)
-
-
-def feed(recognizer: StreamingRecognizer, audio: np.ndarray) -> list:
-    events = []
-    for start in range(0, len(audio), 1600):
-        events += recognizer.accept(audio[start : start + 1600])
-    return events + recognizer.finish()
 
 
 def test_utterances_cover_speech_without_overlap(jfk):
