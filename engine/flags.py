@@ -239,6 +239,9 @@ SERVER_FLAGS: tuple[Flag, ...] = (
     _seconds("--max-connection-age-seconds",
              "close client connections this old gracefully (GOAWAY; open streams finish), so clients "
              "balancing over DNS find new servers (0: never)", "0", 0, None, "max_connection_age_seconds"),
+    Flag("--stream-window-bytes",
+         "what one call's client may send before the server reads it (HTTP/2 stream window; 0: "
+         "gRPC's bandwidth-delay tuning)", str(4 << 20), int, 0, 1 << 30, feeds="server.stream_window_bytes"),
     _seconds("--memory-release-seconds",
              "return freed heap memory to the OS this often (glibc malloc_trim; 0: never)", "10", 0, None,
              "memory_release_seconds"),

@@ -238,6 +238,15 @@ class ServerOptions:
             GOAWAY: its open streams run to their end, new calls open a new connection. A
             client balancing over DNS (``dns:///``) re-resolves then and finds servers added
             since (gRPC resolves again only when a connection closes). 0: connections live on.
+        stream_window_bytes: the HTTP/2 stream window, what a call's client may send before
+            the engine reads it. gRPC's own tuning grows it with the measured bandwidth-delay
+            product, on a fast link past a whole 16 MiB message, so a call refused before its
+            request is read (unauthenticated, at capacity) was received all the same: 400
+            refused 16 MB calls from 16 threads added 26-399 MB to peak RSS (median 47). At
+            4 MiB they add 4-50 MB (median 10). The price is upload time on long links: a
+            16 MB Recognize takes 0.28 s at 50 ms RTT, against 0.09 s on a connection gRPC
+            has tuned (0.23 s on a new one); 2 MB takes 0.06 s either way
+            (``bench/upload_window.py``). 0: gRPC's tuning.
     """
 
     address: str = "0.0.0.0:50051"
@@ -254,3 +263,4 @@ class ServerOptions:
     decode: DecodeOptions = field(default_factory=DecodeOptions)
     memory_release_seconds: float = 10.0
     max_connection_age_seconds: float = 0.0
+    stream_window_bytes: int = 4 << 20

@@ -84,6 +84,10 @@ class SttServer:
             ("grpc.max_send_message_length", 16 << 20),
             ("grpc.so_reuseport", 0),
         ]
+        window = self.options.stream_window_bytes
+        if window > 0:
+            # A fixed window instead of gRPC's bandwidth-delay tuning (options.py says why).
+            options += [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", window)]
         max_age = self.options.max_connection_age_seconds
         if max_age > 0:
             # gRPC's default grace after the GOAWAY is unlimited: open streams are never cut

@@ -138,17 +138,23 @@ def test_interim_interval_sets_the_interim_cadence(server_factory, jfk):
         responses, _ = stream_clip(server.target, jfk, config)
         return [r.result for r in responses if r.HasField("result") and not r.result.is_final]
 
-    with ThreadPoolExecutor(2) as pool:
-        sparse, dense = pool.map(interims, (3000, 1000))
-    # Within an utterance, an interim covers at least 3 s more audio than the one before.
-    by_utterance: dict[int, list[float]] = {}
-    for result in sparse:
-        by_utterance.setdefault(result.utterance_index, []).append(
-            result.result_end_offset.ToTimedelta().total_seconds()
-        )
-    gaps = [b - a for ends in by_utterance.values() for a, b in zip(ends, ends[1:])]
-    assert gaps and min(gaps) >= 3.0 - 1e-6, by_utterance
-    assert len(dense) > len(sparse)
+    # One after the other: streamed side by side, the two ask for interims of the same audio at
+    # the same moments, and on a busy machine one of each pair waits past the scheduler's
+    # max_interim_wait and is dropped as stale, which is not what this test is about.
+    sparse, dense = interims(3000), interims(1000)
+
+    def gaps(results: list) -> list[float]:
+        """Audio between consecutive interims of one utterance."""
+        by_utterance: dict[int, list[float]] = {}
+        for result in results:
+            end = result.result_end_offset.ToTimedelta().total_seconds()
+            by_utterance.setdefault(result.utterance_index, []).append(end)
+        return [b - a for ends in by_utterance.values() for a, b in zip(ends, ends[1:])]
+
+    # Within an utterance, an interim covers at least 3 s more audio than the one before;
+    # at 1 s, some come closer than that (speech, not pauses, sets the cadence).
+    assert gaps(sparse) and min(gaps(sparse)) >= 3.0 - 1e-6, gaps(sparse)
+    assert min(gaps(dense)) < 3.0 and len(dense) > len(sparse), (gaps(dense), gaps(sparse))
 
 
 def test_four_streams_run_concurrently(server, jfk):
