@@ -153,8 +153,9 @@ def test_interim_interval_sets_the_interim_cadence(server_factory, jfk):
 
     # Within an utterance, an interim covers at least 3 s more audio than the one before;
     # at 1 s, some come closer than that (speech, not pauses, sets the cadence).
-    assert gaps(sparse) and min(gaps(sparse)) >= 3.0 - 1e-6, gaps(sparse)
-    assert min(gaps(dense)) < 3.0 and len(dense) > len(sparse), (gaps(dense), gaps(sparse))
+    sparse_gaps, dense_gaps = gaps(sparse), gaps(dense)
+    assert sparse_gaps and min(sparse_gaps) >= 3.0 - 1e-6, sparse_gaps
+    assert dense_gaps and min(dense_gaps) < 3.0 and len(dense) > len(sparse), (dense_gaps, sparse_gaps)
 
 
 def test_four_streams_run_concurrently(server, jfk):
