@@ -35,6 +35,7 @@ import grpc
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.abuse import peak_rss_mb  # noqa: E402
 from bench.streaming import rss_mb, start_server  # noqa: E402
 from engine.api import stt_pb2  # noqa: E402
 
@@ -59,13 +60,6 @@ def request_of(megabytes: float) -> bytes:
     config = stt_pb2.RecognitionConfig(encoding=stt_pb2.LINEAR16, sample_rate_hertz=16000, language_code="en")
     audio = b"\0" * (int(megabytes * MB) - 1024)
     return stt_pb2.RecognizeRequest(config=config, audio_content=audio).SerializeToString()
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM")
 
 
 def reset_peak_rss(pid: int) -> None:

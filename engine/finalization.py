@@ -485,15 +485,13 @@ class Finalizer:
         decodes = [observer]
         decoded = await self.scheduler.decode(event.audio, request, observer)
         cut = window.head_cut(decoded.text) if decoded.is_speech else None
-        hypothesis, repair = decoded, ""
+        hypothesis = decoded
         if cut is not None:
             hypothesis = await self._decode_in_two(event, request, cut, decoded, decodes)
-            repair = "dropped_head"
         elif decoded.words:
             hypothesis = await self._decode_rest(event, request, decoded, decodes)
-            repair = "decoded_rest"
-        if hypothesis is decoded:
-            repair = ""
+        # Either gives back the decode it was handed when it found nothing to repair.
+        repair = "" if hypothesis is decoded else "dropped_head" if cut is not None else "decoded_rest"
         if continues_at is not None:
             hypothesis = drop_words_before(hypothesis, continues_at - event.start)
         return FinalDecode(hypothesis, decodes, repair)

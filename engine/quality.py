@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .options import TARGET_SAMPLE_RATE
 from .vad import FRAME_SAMPLES
 
-SAMPLE_RATE = 16000
 FLOOR_DB = -120.0  # digital silence reads as this instead of -inf
 BAND_HZ = 500
-BANDS = SAMPLE_RATE // 2 // BAND_HZ  # 16 bands of 500 Hz up to 8 kHz
+BANDS = TARGET_SAMPLE_RATE // 2 // BAND_HZ  # 16 bands of 500 Hz up to 8 kHz
 _BINS_PER_BAND = FRAME_SAMPLES // 2 // BANDS
 # A band counts towards the bandwidth while the long-term speech spectrum there is within this
 # of its strongest band: speech recorded at 16 kHz keeps energy up to 6-8 kHz within 50 dB;
@@ -125,9 +125,10 @@ class _Sums:
     bands: np.ndarray = field(default_factory=lambda: np.zeros(BANDS))
 
     def add(self, other: _Sums) -> None:
-        for name in ("frames", "speech_frames", "speech_power", "noise_frames", "noise_power"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        for name in ("clipped", "dc", "uncertain", "bands"):
+        for name in (
+            "frames", "speech_frames", "speech_power", "noise_frames", "noise_power", "clipped", "dc",
+            "uncertain", "bands",
+        ):  # fmt: skip
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.peak = max(self.peak, other.peak)
 
@@ -149,8 +150,8 @@ class _Sums:
             dc_offset=self.dc / samples,
             vad_uncertain_share=self.uncertain / max(1, self.frames),
             bandwidth=bandwidth(self.bands) if self.speech_frames else None,
-            speech_seconds=self.speech_frames * FRAME_SAMPLES / SAMPLE_RATE,
-            seconds=self.frames * FRAME_SAMPLES / SAMPLE_RATE,
+            speech_seconds=self.speech_frames * FRAME_SAMPLES / TARGET_SAMPLE_RATE,
+            seconds=self.frames * FRAME_SAMPLES / TARGET_SAMPLE_RATE,
         )
 
 
